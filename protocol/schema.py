@@ -1,0 +1,173 @@
+"""Strict decoding of JSON values into frozen dataclasses, and encoding back.
+
+The wire contract is written as plain dataclasses so that the agent can check what it
+receives without pydantic or any other dependency. Decoding is strict: unknown keys,
+missing keys and wrong types are errors that name the JSON path, because a payload that
+is "almost right" is how mix-and-match attacks and silent version skew get in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+T = TypeVar("T")
+
+
+class SchemaError(ValueError):
+    """A JSON value does not fit the schema; the message starts with its path (`$.a.b[2]`)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def decode(cls: type[T], value: object, path: str = "$") -> T:
+    """Build a `cls` dataclass from a JSON value, or raise SchemaError."""
+    return typing.cast(T, _decode(cls, value, path))
+
+
+def _decode(tp: Any, value: object, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        return _decode_union(tp, value, path)
+    if value is None:
+        raise SchemaError(path, "must not be null")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise SchemaError(path, f"expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        return _decode_sequence(tp, value, path)
+    if origin is dict:
+        return _decode_mapping(tp, value, path)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _decode_dataclass(tp, value, path)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            allowed = [m.value for m in tp]
+            raise SchemaError(path, f"expected one of {allowed}, got {value!r}") from None
+    return _decode_scalar(tp, value, path)
+
+
+def _decode_union(tp: Any, value: object, path: str) -> Any:
+    options = get_args(tp)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise SchemaError(path, "must not be null")
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _decode(option, value, path)
+        except SchemaError as exc:
+            errors.append(exc)
+    raise errors[0]
+
+
+def _decode_sequence(tp: Any, value: object, path: str) -> Any:
+    if not isinstance(value, list):
+        raise SchemaError(path, f"expected an array, got {_kind(value)}")
+    args = get_args(tp)
+    if get_origin(tp) is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+        if len(value) != len(args):
+            raise SchemaError(path, f"expected {len(args)} items, got {len(value)}")
+        pairs = enumerate(zip(args, value, strict=True))
+        return tuple(_decode(a, v, f"{path}[{i}]") for i, (a, v) in pairs)
+    item = args[0] if args else Any
+    items = [_decode(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if get_origin(tp) is tuple else items
+
+
+def _decode_mapping(tp: Any, value: object, path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise SchemaError(path, f"expected an object, got {_kind(value)}")
+    _, item = get_args(tp) or (str, Any)
+    out = {}
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise SchemaError(path, "object keys must be strings")
+        out[key] = _decode(item, v, f"{path}.{key}")
+    return out
+
+
+def _decode_dataclass(cls: type, value: object, path: str) -> Any:
+    if not isinstance(value, dict):
+        raise SchemaError(path, f"expected an object, got {_kind(value)}")
+    hints = _hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise SchemaError(path, f"unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for name, field in known.items():
+        if name in value:
+            kwargs[name] = _decode(hints[name], value[name], f"{path}.{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise SchemaError(path, f"missing field {name!r}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        # __post_init__ checks (semver, digests, ...) report through the same path.
+        raise SchemaError(path, str(exc)) from None
+
+
+def _decode_scalar(tp: Any, value: object, path: str) -> Any:
+    # bool is an int in Python but never in a schema; and ints are fine where floats go.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if ok:
+            return float(typing.cast(float, value))
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"schema type {tp!r} is not supported")
+    if not ok:
+        raise SchemaError(path, f"expected {tp.__name__}, got {_kind(value)}")
+    return value
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }.get(type(value), type(value).__name__)
+
+
+def encode(value: Any) -> Any:
+    """The JSON value of a dataclass tree (enums by value, tuples as arrays)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return [encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): encode(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,179 @@
+"""Times one model in a process of its own: `python -m toolchain.bench_worker MODEL ...`.
+
+Prints one JSON object on stdout. Imports stay light (numpy and the TFLite runtime, never
+TensorFlow) so the memory figures belong to the model rather than to the tooling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.runtime import (
+    InputShapeError,
+    ModelLoadError,
+    ModelRunner,
+    RuntimeUnavailableError,
+    TensorInfo,
+    interpreter_class,
+)
+
+EXIT_FAILED = 2
+
+
+def sample_key(position: int) -> str:
+    """The .npz key holding the sample for model input `position` (np.savez's positional name)."""
+    return f"arr_{position}"
+
+
+def rss_now_bytes() -> int:
+    """Current resident set size; the peak so far where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    # Linux reports ru_maxrss in KiB.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def random_sample(inputs: Sequence[TensorInfo], seed: int = 0) -> list[np.ndarray]:
+    """One batch-1 sample of real values per input, within what each input can represent."""
+    rng = np.random.default_rng(seed)
+    return [_random_input(info, rng) for info in inputs]
+
+
+def _random_input(info: TensorInfo, rng: np.random.Generator) -> np.ndarray:
+    dtype = np.dtype(info.dtype)
+    shape = info.shape
+    if dtype.kind in "iu" and info.quantized:
+        limits = np.iinfo(dtype)
+        low = (limits.min - info.zero_point) * info.scale
+        high = (limits.max - info.zero_point) * info.scale
+        return rng.uniform(low, high, size=shape).astype(np.float32)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dtype.kind in "iu":
+        # Plain integers are mostly indices (token ids, classes): 0 and 1 are valid for any table.
+        return rng.integers(0, 2, size=shape).astype(dtype)
+    return rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+
+
+def load_sample(path: Path, count: int) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        missing = [sample_key(i) for i in range(count) if sample_key(i) not in archive]
+        if missing:
+            raise ValueError(f"sample {path} lacks {', '.join(missing)}")
+        return [np.asarray(archive[sample_key(i)]) for i in range(count)]
+
+
+def time_invokes(interpreter: Any, count: int) -> np.ndarray:
+    """Nanoseconds per invoke(), nothing else inside the timed region."""
+    durations = np.empty(count, dtype=np.int64)
+    clock = time.perf_counter_ns
+    invoke = interpreter.invoke
+    # A collection landing inside the timed region would show up as a fake outlier.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(count):
+            start = clock()
+            invoke()
+            durations[i] = clock() - start
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return durations
+
+
+def summarize(durations_ns: np.ndarray) -> dict[str, float]:
+    millis = durations_ns.astype(np.float64) / 1e6
+    p50, p90, p99 = (float(v) for v in np.percentile(millis, [50, 90, 99]))
+    mean = float(millis.mean())
+    return {
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "mean_ms": mean,
+        "throughput_per_s": 1000.0 / mean if mean > 0 else 0.0,
+    }
+
+
+def run(
+    model: Path,
+    *,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    sample: Path | None,
+    runtime: str | None = None,
+) -> dict[str, Any]:
+    # Import the runtime first so the baseline holds everything but the model itself.
+    interpreter_class(runtime)
+    baseline = rss_now_bytes()
+    runner = ModelRunner(model, threads=threads, runtime=runtime)
+    inputs = (
+        load_sample(sample, len(runner.inputs))
+        if sample is not None
+        else random_sample(runner.inputs)
+    )
+    runner.set_inputs(inputs)
+    durations = time_invokes(runner.interpreter, warmup + runs)[warmup:]
+    return {
+        "runs": runs,
+        "warmup": warmup,
+        "threads": threads,
+        **summarize(durations),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "baseline_rss_bytes": baseline,
+        "runtime": runner.runtime,
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m toolchain.bench_worker")
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sample", type=Path, default=None)
+    parser.add_argument("--runtime", default=None, help="force one of edge_agent's RUNTIME_KEYS")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        result = run(
+            args.model,
+            runs=args.runs,
+            warmup=args.warmup,
+            threads=args.threads,
+            sample=args.sample,
+            runtime=args.runtime,
+        )
+    except (ModelLoadError, InputShapeError, RuntimeUnavailableError, OSError, ValueError) as exc:
+        # The parent reports our last stderr line, so it must carry the whole reason.
+        print(f"bench_worker: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

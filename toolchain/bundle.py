@@ -1,0 +1,74 @@
+"""Write artifacts so that a reader sees the whole thing or nothing: temp, fsync, rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from protocol.manifest import MANIFEST_FILE, SignedManifest, manifest_to_json
+from toolchain.errors import OptionError
+
+
+def check_out_dir(out: Path, *, force: bool) -> None:
+    """Refuse early, before any work, to replace an existing folder without --force."""
+    if out.exists() and not force:
+        raise OptionError(f"{out} already exists; choose another --out or pass --force")
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"{out} exists and is not a folder")
+
+
+def write_bundle(out: Path, model: bytes, model_file: str, signed: SignedManifest) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_synced(staging / model_file, model)
+        _write_synced(staging / MANIFEST_FILE, manifest_to_json(signed))
+        _fsync_dir(staging)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(out.parent)
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.rename(staging, out)
+        return
+    # Directories cannot be swapped in one rename; the old one moves aside first and is
+    # removed only once the new one stands in its place.
+    retired = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+    os.rename(out, retired / out.name)
+    os.rename(staging, out)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
