@@ -47,7 +47,7 @@ def _kib(size: int) -> str:
 
 def candidates_table(result: ConvertResult) -> Table:
     table = Table(title="Candidates", title_justify="left")
-    for column in ("mode", "size", "vs float32", "accuracy", "drop", "agreement", "p50 ms", ""):
+    for column in ("mode", "KiB", "×f32", "acc", "drop", "agree", "p50 ms", ""):
         table.add_column(column, justify="left" if column in ("mode", "") else "right")
     baseline = next((c.size for c in result.candidates if c.label == "float32" and c.size), None)
     for c in result.candidates:
@@ -59,13 +59,13 @@ def _candidate_row(c: Candidate, baseline: int | None, result: ConvertResult) ->
     if c.error is not None:
         return [c.label, "-", "-", "-", "-", "-", "-", f"[red]failed[/]: {c.error[:60]}"]
     v = c.validation
-    ratio = f"{c.size / baseline:.2f}x" if baseline else "-"
-    verdict = "[green]ok[/]" if c.passed else "[red]over budget[/]"
+    ratio = f"{c.size / baseline:.2f}" if baseline else "-"
+    verdict = "[green]ok[/]" if c.passed else "[red]over[/]"
     if c is result.chosen:
         verdict = "[bold green]chosen[/]"
     return [
         c.label,
-        _kib(c.size),
+        f"{c.size / 1024:.1f}",
         ratio,
         _pct(v.tflite_accuracy if v else None),
         _pct(v.accuracy_drop if v else None),

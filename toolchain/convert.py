@@ -71,7 +71,8 @@ from toolchain.validate import GateResult, accuracy_gate, compare
 Objective = Literal["size", "latency"]
 # "The few layers that lose most": past three, the model is no longer an int8 model.
 MAX_FLOAT_LAYERS = 3
-REFERENCE_SAMPLES = 1000
+# Reference statistics cover the whole calibration set up to this many samples.
+REFERENCE_SAMPLES = 10_000
 
 
 class Progress(Protocol):

@@ -34,8 +34,13 @@ def layer_report_csv(layers: Sequence[dict[str, Any]]) -> str:
 
 
 def worst_layers(layers: Sequence[dict[str, Any]], count: int = 3) -> list[str]:
-    """One line each for the layers that lose most, for the summary."""
+    """One line each for the layers that lose most, for the summary (the CSV has all)."""
     return [
-        f"{layer['op']} {layer['tensor']}: RMSE {layer['rmse_per_scale']:.2f} quantization steps"
+        f"{layer['op']} {_short(layer['tensor'])}: RMSE {layer['rmse_per_scale']:.2f} steps"
         for layer in layers[:count]
     ]
+
+
+def _short(tensor: str) -> str:
+    # Fused tensors are named "a;b;c" after every op folded into them; the first says which.
+    return tensor.split(";", 1)[0]

@@ -207,7 +207,7 @@ def test_auto_tries_float_fallbacks_when_int8_misses(digits: Path, tmp_path: Pat
     # Each fallback keeps one more of the worst layers in float, worst first.
     first = fallbacks[0]["float_layers"]
     assert len(first) == 1
-    assert first[0] in summary["worst_layers"][0]
+    assert first[0].split(";")[0] in summary["worst_layers"][0]
     for before, after in itertools.pairwise(fallbacks):
         assert after["float_layers"][: len(before["float_layers"])] == before["float_layers"]
     # int8 itself missed the budget, so the chosen model is not it.
@@ -292,7 +292,8 @@ def signed_bundle(
     private, public = generate_keypair(root / "keys")
     out = root / "bundle"
     digits = reference_models["tabular"]
-    result = run_cli(*_convert(digits / "model.keras", out, "--signing-key", private))
+    args = _convert(digits / "model.keras", out, "--signing-key", private, "--name", "tabular")
+    result = run_cli(*args)
     assert result.exit_code == 0, result.stderr
     return out, public
 

@@ -1,0 +1,62 @@
+"""`make bench`: run every benchmark under bench/ and write BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("BENCHMARKS.md"))
+@click.option(
+    "--models",
+    "models_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of trained reference models (default: train them afresh).",
+)
+def main(out: Path, models_dir: Path | None) -> None:
+    from bench import conversion
+    from toolchain.convert import machine_description
+
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        if models_dir is None:
+            from models.train import RECIPES
+
+            models_dir = Path(tmp)
+            for name, train in RECIPES.items():
+                click.echo(f"training {name}", err=True)
+                train(models_dir / name, seed=0)
+        figures = []
+        for name in ("digits", "tabular"):
+            click.echo(f"converting {name} in every mode", err=True)
+            figures.append(conversion.measure(name, models_dir / name))
+
+    text = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench` (`{Path(sys.executable).name} -m bench.run`) on "
+        f"{dt.date.today().isoformat()}, on {machine_description()}. Every figure in a table "
+        "comes from one run; compare the ratios, not absolute times, across machines.",
+        "",
+        "## Conversion: every quantization mode against float32",
+        "",
+        "Each reference model converted by `edge-convert convert --quantize auto` "
+        f"(validated on its held-out set; latency is the p50 of {conversion.RUNS} single-sample "
+        "invokes on LiteRT with its default threads, each candidate in a fresh process).",
+        "",
+        *conversion.markdown(figures),
+    ]
+    out.write_text("\n".join(text))
+    click.echo(f"wrote {out}", err=True)
+
+
+if __name__ == "__main__":
+    main()
