@@ -86,6 +86,17 @@ def stratified_split(x: npt.ArrayLike, y: npt.ArrayLike) -> Split:
     return Split(x_train, y_train, x_test, y_test)
 
 
+def compile_and_fit(model: Any, split: Split, *, epochs: int, batch_size: int) -> Any:
+    """Both recipes are softmax classifiers over integer labels, trained with Adam."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    model.fit(split.x_train, split.y_train, epochs=epochs, batch_size=batch_size, verbose=0)
+    return model
+
+
 def accuracy(model: Any, x: FloatArray, y: LabelArray) -> float:
     """Top-1 accuracy of a softmax classifier."""
     probabilities = model.predict(x, batch_size=256, verbose=0)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from sklearn.datasets import load_digits
 
-from models.common import Dataset, RecipeResult, Split, run_recipe
+from models.common import Dataset, RecipeResult, Split, compile_and_fit, run_recipe
 
 NAME = "digits"
 PIXEL_MAX = 16.0  # load_digits counts ink in each 8x8 cell from 0 to 16
@@ -44,14 +44,7 @@ def build(num_classes: int = 10) -> Any:
 
 
 def fit(split: Split) -> Any:
-    model = build()
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    model.fit(split.x_train, split.y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, verbose=0)
-    return model
+    return compile_and_fit(build(), split, epochs=EPOCHS, batch_size=BATCH_SIZE)
 
 
 def train(out: Path, *, seed: int = 0) -> RecipeResult:

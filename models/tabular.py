@@ -9,7 +9,7 @@ import keras
 import numpy as np
 from sklearn.datasets import load_breast_cancer
 
-from models.common import Dataset, FloatArray, RecipeResult, Split, run_recipe
+from models.common import Dataset, FloatArray, RecipeResult, Split, compile_and_fit, run_recipe
 
 NAME = "tabular"
 EPOCHS = 30
@@ -54,14 +54,7 @@ def build(x_train: FloatArray, num_classes: int = 2) -> Any:
 
 
 def fit(split: Split) -> Any:
-    model = build(split.x_train)
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    model.fit(split.x_train, split.y_train, epochs=EPOCHS, batch_size=BATCH_SIZE, verbose=0)
-    return model
+    return compile_and_fit(build(split.x_train), split, epochs=EPOCHS, batch_size=BATCH_SIZE)
 
 
 def train(out: Path, *, seed: int = 0) -> RecipeResult:

@@ -6,7 +6,6 @@ TensorFlow) so the memory figures belong to the model rather than to the tooling
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import resource
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import numpy as np
 
 from edge_agent.runtime import (
@@ -145,35 +145,32 @@ def run(
     }
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m toolchain.bench_worker")
-    parser.add_argument("model", type=Path)
-    parser.add_argument("--runs", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--sample", type=Path, default=None)
-    parser.add_argument("--runtime", default=None, help="force one of edge_agent's RUNTIME_KEYS")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--runs", type=int, default=200)
+@click.option("--warmup", type=int, default=20)
+@click.option("--threads", type=int, default=None)
+@click.option("--sample", type=click.Path(path_type=Path), default=None)
+@click.option("--runtime", default=None, help="Force one of edge_agent's RUNTIME_KEYS.")
+def main(
+    model: Path,
+    *,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+    sample: Path | None,
+    runtime: str | None,
+) -> None:
     try:
         result = run(
-            args.model,
-            runs=args.runs,
-            warmup=args.warmup,
-            threads=args.threads,
-            sample=args.sample,
-            runtime=args.runtime,
+            model, runs=runs, warmup=warmup, threads=threads, sample=sample, runtime=runtime
         )
     except (ModelLoadError, InputShapeError, RuntimeUnavailableError, OSError, ValueError) as exc:
         # The parent reports our last stderr line, so it must carry the whole reason.
         print(f"bench_worker: {' '.join(str(exc).split())}", file=sys.stderr)
-        return EXIT_FAILED
+        sys.exit(EXIT_FAILED)
     print(json.dumps(result), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

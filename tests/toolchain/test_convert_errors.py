@@ -399,3 +399,10 @@ def test_force_replaces_an_existing_bundle(
     assert result.exit_code == 0, result.stderr
     assert read_manifest(out).manifest.version == "1.0.1"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli(*_convert(tmp_path / "nope.keras", tmp_path / "out"), "--debug")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr
+    assert "SourceModelError" in result.stderr

@@ -196,3 +196,61 @@ def test_auto_require_integer_and_layer_report(
     assert isinstance(worst, list)
     assert len(worst) == 3
     assert rows[0]["tensor"].split(";")[0] in worst[0]
+
+
+def test_saved_model_source_converts_through_the_saved_model_path(
+    reference_models: dict[str, Path], tmp_path: Path
+) -> None:
+    import keras
+
+    folder = reference_models["digits"]
+    exported = tmp_path / "digits_saved_model"
+    keras.models.load_model(folder / "model.keras").export(str(exported), verbose=False)
+    out = tmp_path / "bundle"
+    result, summary = run_json(
+        "convert",
+        exported,
+        "--out",
+        out,
+        "--quantize",
+        "int8",
+        "--calibration",
+        folder / "calibration.npz",
+        "--eval",
+        folder / "eval.npz",
+        "--runs",
+        "5",
+    )
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out).manifest
+    assert manifest.name == "digits_saved_model"
+    assert (manifest.source.format, manifest.source.conversion_path) == ("saved_model",) * 2
+    assert summary["metrics"]["tflite_accuracy"] >= MIN_ACCURACY["digits"]
+
+
+def test_image_folder_data_and_its_class_names(
+    reference_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """Evaluation data as one folder of PNGs per class; the folder names become the labels."""
+    from PIL import Image
+
+    folder = reference_models["digits"]
+    with np.load(folder / "eval.npz") as data:
+        x, y = data["x"][:200], data["y"][:200]
+    names = [f"digit-{i}" for i in range(10)]
+    images = tmp_path / "images"
+    for i, (pixels, label) in enumerate(zip(x, y, strict=True)):
+        (images / names[label]).mkdir(parents=True, exist_ok=True)
+        gray = np.round(pixels[..., 0] * 255).astype(np.uint8)
+        Image.fromarray(gray, mode="L").save(images / names[label] / f"{i}.png")
+    out = tmp_path / "bundle"
+    result = run_cli(
+        "convert", folder / "model.keras", "--out", out, "--eval", images, "--runs", "5"
+    )
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out).manifest
+    assert manifest.labels == tuple(names)
+    assert manifest.validation is not None
+    assert manifest.validation.samples == 200
+    assert manifest.validation.tflite_accuracy is not None
+    assert manifest.validation.tflite_accuracy >= MIN_ACCURACY["digits"]
