@@ -35,21 +35,33 @@ def sample_key(position: int) -> str:
     return f"arr_{position}"
 
 
-def rss_now_bytes() -> int:
-    """Current resident set size; the peak so far where /proc is missing."""
+def _status_bytes(field: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return peak_rss_bytes()
+    return None
+
+
+def rss_now_bytes() -> int:
+    """Current resident set size; the peak so far where /proc is missing."""
+    return _status_bytes("VmRSS:") or peak_rss_bytes()
 
 
 def peak_rss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    """This process's own high-water mark.
+
+    Not ru_maxrss: Linux folds the parent's high-water mark into it across exec (and
+    subprocess spawns with vfork), so a large parent inflates a small worker's figure.
+    VmHWM belongs to the address space exec created.
+    """
+    hwm = _status_bytes("VmHWM:")
+    if hwm is not None:
+        return hwm
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 def random_sample(inputs: Sequence[TensorInfo], seed: int = 0) -> list[np.ndarray]:

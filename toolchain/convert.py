@@ -55,7 +55,6 @@ from toolchain.errors import (
     ArtifactError,
     ConversionError,
     DataError,
-    EdgeConvertError,
     OptionError,
     SourceModelError,
     UnsupportedOpsError,
@@ -279,14 +278,6 @@ def _read_labels(path: Path) -> tuple[str, ...]:
     return labels
 
 
-_JOB_ERRORS: dict[str, type[EdgeConvertError]] = {
-    "source": SourceModelError,
-    "conversion": ConversionError,
-    "custom_ops": ConversionError,
-    "internal": ConversionError,
-}
-
-
 def _call(worker: TFWorker, op: str, context: str | None, **job: Any) -> dict[str, Any]:
     """A worker job, with its failures turned into errors that say what to do."""
     where = f" in mode {context}" if context else ""
@@ -304,9 +295,7 @@ def _call(worker: TFWorker, op: str, context: str | None, **job: Any) -> dict[st
             ) from None
         if exc.kind == "source":
             raise SourceModelError(str(exc)) from None
-        raise _JOB_ERRORS.get(exc.kind, ConversionError)(
-            f"TensorFlow's converter failed{where}: {exc}"
-        ) from None
+        raise ConversionError(f"TensorFlow's converter failed{where}: {exc}") from None
 
 
 def _num_classes(outputs: list[dict[str, Any]]) -> int | None:

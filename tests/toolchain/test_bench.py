@@ -48,6 +48,15 @@ def test_a_tiny_model_benchmarks_with_sane_numbers(models: dict[str, Path]) -> N
     assert json.loads(json.dumps(result.to_dict())) == result.to_dict()
 
 
+def test_peak_memory_is_the_workers_own_not_its_parents(models: dict[str, Path]) -> None:
+    """Linux folds a parent's RSS high-water mark into the child's ru_maxrss across exec."""
+    alone = benchmark(models["float32"], runs=5, warmup=0)
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB, touched, in this process only
+    crowded = benchmark(models["float32"], runs=5, warmup=0)
+    assert ballast.sum() > 0
+    assert crowded.peak_rss_bytes < alone.peak_rss_bytes + 100 * 2**20
+
+
 def test_a_given_sample_and_thread_count(models: dict[str, Path]) -> None:
     sample = [dense_data()[:1]]
     result = benchmark(models["int8"], runs=25, warmup=0, threads=1, sample=sample)
