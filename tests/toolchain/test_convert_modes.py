@@ -254,3 +254,21 @@ def test_image_folder_data_and_its_class_names(
     assert manifest.validation.samples == 200
     assert manifest.validation.tflite_accuracy is not None
     assert manifest.validation.tflite_accuracy >= MIN_ACCURACY["digits"]
+
+
+def test_legacy_h5_source_converts(reference_models: dict[str, Path], tmp_path: Path) -> None:
+    import keras
+
+    folder = reference_models["tabular"]
+    h5 = tmp_path / "tabular.h5"
+    keras.models.load_model(folder / "model.keras").save(h5)
+    out = tmp_path / "bundle"
+    result = run_cli(
+        "convert", h5, "--out", out, "--eval", folder / "eval.npz", "--quantize", "float16"
+    )
+    assert result.exit_code == 0, result.stderr
+    manifest = read_manifest(out).manifest
+    assert (manifest.name, manifest.source.format) == ("tabular", "h5")
+    assert manifest.validation is not None
+    assert manifest.validation.accuracy_drop is not None
+    assert manifest.validation.accuracy_drop <= 0.01
