@@ -34,6 +34,7 @@ _SEMVER = re.compile(
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
 
 
 class ManifestError(ValueError):
@@ -97,8 +98,8 @@ class ModelFile:
         _check_sha256(self.sha256, "model.sha256")
         if self.size <= 0:
             raise ValueError("model.size must be positive")
-        if "/" in self.path or self.path.startswith("."):
-            raise ValueError("model.path must be a plain file name")
+        if not _FILE_NAME.match(self.path):
+            raise ValueError("model.path must be a plain file name such as model.tflite")
 
 
 @dataclass(frozen=True)
@@ -290,13 +291,30 @@ def manifest_to_json(signed: SignedManifest) -> bytes:
 
 def parse_manifest(raw: bytes) -> SignedManifest:
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        data = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+        )
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
     try:
-        return decode(SignedManifest, data)
+        signed = decode(SignedManifest, data)
+        canonical_bytes(signed.manifest)  # lone surrogates cannot be signed or verified
     except SchemaError as exc:
         raise ManifestError(f"manifest does not fit the schema: {exc}") from None
+    except UnicodeEncodeError:
+        raise ManifestError("manifest holds text that is not valid Unicode") from None
+    return signed
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """Two parsers that keep different copies of a duplicated key would read different
+    manifests under one signature; refuse the ambiguity outright."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
 
 
 def _reject_constant(name: str) -> float:

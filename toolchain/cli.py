@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from protocol.manifest import MANIFEST_FILE, ManifestError, SignedManifest, read_manifest
 from protocol.signing import (
@@ -31,7 +32,7 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int, as_json: bool, extra: dict[str, Any] | None = None) -> None:
-    stderr.print(f"[red]edge-convert: error:[/] {message}", markup=True)
+    stderr.print(f"[red]edge-convert: error:[/] {escape(message)}")
     if as_json:
         click.echo(json.dumps({"ok": False, "error": message, "exit_code": code, **(extra or {})}))
     sys.exit(code)
@@ -66,6 +67,11 @@ def handles_errors(command: F) -> F:
             if debug:
                 traceback.print_exc()
             _fail(str(exc), 2, as_json)
+        except OSError as exc:
+            # A folder that cannot be created, a disk that is full: the user's to fix.
+            if debug:
+                traceback.print_exc()
+            _fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), 2, as_json)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130, as_json)
         except Exception as exc:
@@ -138,8 +144,12 @@ def keygen(out: Path, debug: bool) -> None:
 )
 @click.option("--require-integer", is_flag=True, help="With auto: full-integer int8 only.")
 @click.option("--layer-report", type=click.Path(path_type=Path), help="Per-layer int8 error CSV.")
-@click.option("--runs", "bench_runs", type=int, default=100, show_default=True)
-@click.option("--threads", type=int, help="Interpreter threads for validation and benchmark.")
+@click.option("--runs", "bench_runs", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Interpreter threads for validation and benchmark.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing --out folder.")
 @json_option
 @debug_option

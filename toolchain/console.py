@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edge_agent.runtime import TensorInfo
@@ -28,13 +29,14 @@ class ConsoleProgress:
     @contextmanager
     def step(self, text: str) -> Iterator[None]:
         started = time.monotonic()
-        with self.console.status(text, spinner="dots"):
+        with self.console.status(escape(text), spinner="dots"):
             yield
-        self.console.print(f"[green]✓[/] {text} [dim]({time.monotonic() - started:.1f}s)[/]")
+        elapsed = time.monotonic() - started
+        self.console.print(f"[green]✓[/] {escape(text)} [dim]({elapsed:.1f}s)[/]")
 
     def warn(self, text: str) -> None:
         self.warnings.append(text)
-        self.console.print(f"[yellow]warning:[/] {text}", highlight=False)
+        self.console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
 
 
 def _pct(value: float | None) -> str:
@@ -57,7 +59,7 @@ def candidates_table(result: ConvertResult) -> Table:
 
 def _candidate_row(c: Candidate, baseline: int | None, result: ConvertResult) -> list[str]:
     if c.error is not None:
-        return [c.label, "-", "-", "-", "-", "-", "-", f"[red]failed[/]: {c.error[:60]}"]
+        return [c.label, "-", "-", "-", "-", "-", "-", f"[red]failed[/]: {escape(c.error[:60])}"]
     v = c.validation
     ratio = f"{c.size / baseline:.2f}" if baseline else "-"
     verdict = "[green]ok[/]" if c.passed else "[red]over[/]"
@@ -81,10 +83,10 @@ def print_convert_summary(console: Console, result: ConvertResult) -> None:
     chosen, manifest = result.chosen, result.manifest
     if chosen is None or manifest is None:
         return
-    table = Table(title=f"{manifest.name} {manifest.version}", show_header=False)
+    table = Table(title=escape(f"{manifest.name} {manifest.version}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
-    table.add_row("bundle", str(result.out))
+    table.add_row("bundle", escape(str(result.out)))
     table.add_row("quantization", chosen.label + (" (integer only)" if chosen.integer_only else ""))
     table.add_row("size", f"{_kib(manifest.model.size)} ({manifest.model.size} bytes)")
     table.add_row("sha256", manifest.model.sha256)
@@ -108,10 +110,10 @@ def print_convert_summary(console: Console, result: ConvertResult) -> None:
         )
     table.add_row("conversion path", manifest.source.conversion_path)
     if manifest.runtime.requires_flex:
-        table.add_row("needs Flex ops", ", ".join(manifest.runtime.flex_ops))
+        table.add_row("needs Flex ops", escape(", ".join(manifest.runtime.flex_ops)))
     table.add_row("signed by", result.signed_by or "[yellow]unsigned[/]")
     if result.layers:
-        table.add_row("worst int8 layers", "\n".join(worst_layers(result.layers)))
+        table.add_row("worst int8 layers", escape("\n".join(worst_layers(result.layers))))
     console.print(table)
 
 
@@ -157,19 +159,21 @@ def _tensor_rows(table: Table, kind: str, tensors: list[TensorInfo]) -> None:
     for t in tensors:
         quant = f"scale {t.scale:.6g}, zero point {t.zero_point}" if t.quantized else "-"
         shape = t.shape_signature or t.shape
-        table.add_row(kind, t.name, t.dtype, str(list(shape)), quant)
+        table.add_row(kind, escape(t.name), t.dtype, str(list(shape)), quant)
 
 
 def print_model_info(
     console: Console, info: ModelInfo, signed: SignedManifest | None, path: str
 ) -> None:
-    console.print(f"[bold]{path}[/]  {_kib(info.size_bytes)}  sha256 {info.sha256}")
+    console.print(f"[bold]{escape(path)}[/]  {_kib(info.size_bytes)}  sha256 {info.sha256}")
     if signed is not None:
         m = signed.manifest
         keys = ", ".join(s.keyid[:16] for s in signed.signatures) or "unsigned"
         console.print(
-            f"{m.name} {m.version}, {m.quantization.mode.value}"
-            f"{' (integer only)' if m.quantization.integer_only else ''}, signed by: {keys}"
+            escape(
+                f"{m.name} {m.version}, {m.quantization.mode.value}"
+                f"{' (integer only)' if m.quantization.integer_only else ''}, signed by: {keys}"
+            )
         )
     table = Table(show_header=True)
     for column in ("", "name", "dtype", "shape", "quantization"):
@@ -178,16 +182,16 @@ def print_model_info(
     _tensor_rows(table, "output", info.outputs)
     console.print(table)
     ops = ", ".join(f"{name} x{count}" for name, count in sorted(info.ops.items()))
-    console.print(f"ops: {ops}")
+    console.print(f"ops: {escape(ops)}")
     console.print(f"min runtime version: {info.min_runtime_version or 'not recorded'}")
     if info.flex_ops:
-        console.print(f"[yellow]needs TF Select (Flex) ops:[/] {', '.join(info.flex_ops)}")
+        console.print(f"[yellow]needs TF Select (Flex) ops:[/] {escape(', '.join(info.flex_ops))}")
     if info.custom_ops:
-        console.print(f"[yellow]custom ops:[/] {', '.join(info.custom_ops)}")
+        console.print(f"[yellow]custom ops:[/] {escape(', '.join(info.custom_ops))}")
 
 
 def print_bench(console: Console, result: BenchResult, path: str) -> None:
-    table = Table(title=f"{path} on {result.runtime}", show_header=False)
+    table = Table(title=escape(f"{path} on {result.runtime}"), show_header=False)
     table.add_column("", style="bold")
     table.add_column("")
     table.add_row("runs", f"{result.runs} (after {result.warmup} warm-up)")

@@ -65,7 +65,8 @@ from toolchain.quantize import AUTO, RECIPES
 from toolchain.reference import reference_stats, self_test, self_test_tolerance
 from toolchain.source import detect_format, source_sha256
 from toolchain.tf_client import TFWorker, WorkerCrashError, WorkerJobError
-from toolchain.validate import GateResult, accuracy_gate, compare
+from toolchain.tf_worker import MAX_CALIBRATION_SAMPLES
+from toolchain.validate import GateResult, accuracy_gate, align_outputs, compare
 
 Objective = Literal["size", "latency"]
 # "The few layers that lose most": past three, the model is no longer an int8 model.
@@ -193,7 +194,9 @@ def convert_model(options: ConvertOptions, progress: Progress | None = None) -> 
         workdir = Path(tmp)
         with TFWorker(workdir / "tensorflow.log", debug=options.debug) as worker:
             with progress.step(f"Loading {options.src.name} ({fmt})"):
-                signature = _call(worker, "load", None, src=str(options.src), format=fmt)
+                signature = _call(
+                    worker, "load", None, src=str(options.src), format=fmt, workdir=tmp
+                )
             job = _Job(
                 options,
                 workdir,
@@ -299,8 +302,13 @@ def _call(worker: TFWorker, op: str, context: str | None, **job: Any) -> dict[st
 
 
 def _num_classes(outputs: list[dict[str, Any]]) -> int | None:
+    """K for a (N, K) class-score output; 2 for one score per sample (a binary classifier)."""
     shape = outputs[0]["shape"]
-    return int(shape[-1]) if len(shape) == 2 and shape[-1] and shape[-1] > 1 else None
+    if len(shape) == 2 and shape[-1] and shape[-1] > 1:
+        return int(shape[-1])
+    if len(shape) == 1 or (len(shape) == 2 and shape[-1] == 1):
+        return 2
+    return None
 
 
 def _load_data(job: _Job) -> _Data:
@@ -321,6 +329,11 @@ def _load_data(job: _Job) -> _Data:
                 )
                 for warning in datasets.calibration_warnings(calibration):
                     progress.warn(warning)
+                if len(calibration.x) > MAX_CALIBRATION_SAMPLES:
+                    progress.warn(
+                        f"calibrating on a seeded random {MAX_CALIBRATION_SAMPLES} of the "
+                        f"{len(calibration.x)} calibration samples"
+                    )
             if options.evaluation:
                 evaluation = datasets.load_dataset(options.evaluation, signature, role="evaluation")
             classes = _num_classes(job.outputs)
@@ -453,6 +466,10 @@ def _build(job: _Job, candidate: Candidate) -> None:
     if job.data.evaluation is not None and job.data.source_outputs is not None:
         with job.progress.step(f"Validating: {candidate.label}"):
             outputs = _run(path, [job.data.evaluation.x], options.threads, runtime)
+            try:
+                outputs = align_outputs(job.data.source_outputs, outputs)
+            except ValueError as exc:
+                raise DataError(f"cannot validate: {exc}") from None
             candidate.validation = compare(job.data.source_outputs, outputs, job.data.evaluation.y)
             candidate.gate = accuracy_gate(candidate.validation, options.max_accuracy_drop)
     with job.progress.step(f"Benchmarking: {candidate.label}"):
@@ -590,7 +607,7 @@ def _manifest(job: _Job, chosen: Candidate, fmt: str, src_sha: str) -> Manifest:
             vectors = self_test(
                 samples,
                 reference_outputs,
-                atol=self_test_tolerance(chosen.mode, outputs_spec),
+                atol=self_test_tolerance(chosen.mode, outputs_spec, reference_outputs),
             )
         # Statistics of made-up inputs would describe nothing a device will ever see.
         has_data = job.data.calibration is not None or job.data.evaluation is not None

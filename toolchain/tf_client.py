@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
+
+# A conversion of a large model with calibration takes minutes; past this, it is stuck.
+JOB_TIMEOUT_S = 3600.0
 
 
 class WorkerJobError(Exception):
@@ -66,13 +70,21 @@ class TFWorker:
         )
         return self._proc
 
-    def call(self, op: str, **job: Any) -> dict[str, Any]:
+    def call(self, op: str, *, timeout: float = JOB_TIMEOUT_S, **job: Any) -> dict[str, Any]:
         proc = self._proc or self._start()
         assert proc.stdin is not None
         assert proc.stdout is not None
         try:
             proc.stdin.write(json.dumps({"op": op, **job}) + "\n")
             proc.stdin.flush()
+            # One request, one reply line: nothing is ever left in the read buffer, so
+            # select() on the pipe tells the truth about whether the reply has come.
+            ready, _, _ = select.select([proc.stdout], [], [], timeout)
+            if not ready:
+                proc.kill()
+                proc.wait()
+                self._proc = None
+                raise WorkerCrashError(f"TensorFlow did not answer within {timeout:g} s")
             line = proc.stdout.readline()
         except BrokenPipeError:
             line = ""

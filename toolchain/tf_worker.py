@@ -16,7 +16,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ class JobError(Exception):
 class Source:
     path: Path
     format: str  # keras | h5 | saved_model
+    workdir: Path = Path(".")
     keras_model: Any = None
     saved_model: Any = None
     # Set once the direct Keras path fails, so later modes go straight to the fallback.
@@ -72,7 +72,7 @@ def load(job: dict[str, Any]) -> dict[str, Any]:
     path = Path(job["src"])
     fmt = job["format"]
     tf = _tf()
-    source = Source(path=path, format=fmt)
+    source = Source(path=path, format=fmt, workdir=Path(job["workdir"]))
     try:
         if fmt == "saved_model":
             source.saved_model = tf.saved_model.load(str(path))
@@ -146,7 +146,11 @@ def _predict_chunk(source: Source, x: np.ndarray) -> list[np.ndarray]:
 
 
 def _representative(calibration: Path) -> Callable[[], Iterator[list[np.ndarray]]]:
-    x = np.load(calibration, allow_pickle=False)[:MAX_CALIBRATION_SAMPLES]
+    x = np.load(calibration, allow_pickle=False)
+    if len(x) > MAX_CALIBRATION_SAMPLES:
+        # A seeded subset, not the head: data sets are often sorted by class.
+        picks = np.random.default_rng(0).choice(len(x), MAX_CALIBRATION_SAMPLES, replace=False)
+        x = x[np.sort(picks)]
 
     def samples() -> Iterator[list[np.ndarray]]:
         for i in range(len(x)):
@@ -161,9 +165,10 @@ def _new_converter(source: Source, via_saved_model: bool) -> Any:
         return lite.TFLiteConverter.from_saved_model(str(source.path))
     if via_saved_model:
         if source.exported is None:
-            export_dir = Path(tempfile.mkdtemp(prefix="edge-convert-export-"))
-            source.keras_model.export(str(export_dir / "saved_model"), verbose=False)
-            source.exported = export_dir / "saved_model"
+            # Inside the parent's work folder, which it removes when the command ends.
+            export_dir = source.workdir / "exported_saved_model"
+            source.keras_model.export(str(export_dir), verbose=False)
+            source.exported = export_dir
         return lite.TFLiteConverter.from_saved_model(str(source.exported))
     return lite.TFLiteConverter.from_keras_model(source.keras_model)
 

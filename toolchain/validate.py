@@ -15,17 +15,55 @@ def is_class_vector(output: np.ndarray) -> bool:
     return output.ndim == 2 and output.shape[1] > 1
 
 
+def is_binary_score(output: np.ndarray) -> bool:
+    """A (N,) or (N, 1) output is one score per sample: a binary classifier or a regressor."""
+    return output.ndim == 1 or (output.ndim == 2 and output.shape[1] == 1)
+
+
+def top1(output: np.ndarray, threshold: float) -> np.ndarray:
+    if is_class_vector(output):
+        return np.asarray(output.argmax(axis=1))
+    return (output.reshape(len(output)) > threshold).astype(np.int64)
+
+
+def binary_threshold(source: np.ndarray) -> float:
+    """0.5 for probabilities (a sigmoid), 0 for logits: judged on the source's own outputs."""
+    return 0.5 if source.min() >= 0.0 and source.max() <= 1.0 else 0.0
+
+
+def align_outputs(source: Sequence[np.ndarray], tflite: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """TFLite's output order for a multi-output model is not the source's; match by shape.
+
+    Raises ValueError when the outputs cannot be matched without guessing.
+    """
+    if len(source) != len(tflite):
+        raise ValueError(f"the source has {len(source)} outputs, the TFLite model {len(tflite)}")
+    if all(s.shape == t.shape for s, t in zip(source, tflite, strict=True)) and (
+        len(source) == 1 or len({s.shape for s in source}) == len(source)
+    ):
+        return list(tflite)
+    by_shape = {t.shape: t for t in tflite}
+    if len(by_shape) != len(tflite) or len({s.shape for s in source}) != len(source):
+        raise ValueError(
+            "the model has several outputs of the same shape, which cannot be matched to the "
+            "source's reliably; convert without --eval"
+        )
+    try:
+        return [by_shape[s.shape] for s in source]
+    except KeyError as exc:
+        raise ValueError(f"no TFLite output has the source's output shape {exc}") from None
+
+
 def compare(
     source: Sequence[np.ndarray], tflite: Sequence[np.ndarray], labels: np.ndarray | None
 ) -> Validation:
     """Accuracy of both (with labels), top-1 agreement, and the error of dequantized outputs.
 
-    Classification figures come from the first output; errors span all outputs.
+    Classification figures come from the first output; errors span all outputs. Outputs
+    must already be aligned (see align_outputs).
     """
-    if len(source) != len(tflite):
-        raise ValueError(f"source has {len(source)} outputs, the TFLite model {len(tflite)}")
     errors = [
-        np.abs(s.astype(np.float64) - t.reshape(s.shape).astype(np.float64))
+        np.abs(s.astype(np.float64) - t.astype(np.float64))
         for s, t in zip(source, tflite, strict=True)
     ]
     max_err = max(float(e.max()) if e.size else 0.0 for e in errors)
@@ -33,10 +71,11 @@ def compare(
     mean_err = sum(float(e.sum()) for e in errors) / total if total else 0.0
 
     source_acc = tflite_acc = drop = agreement = None
-    first_src, first_tfl = source[0], tflite[0].reshape(source[0].shape)
-    if is_class_vector(first_src):
-        src_top1 = first_src.argmax(axis=1)
-        tfl_top1 = first_tfl.argmax(axis=1)
+    first_src, first_tfl = source[0], tflite[0]
+    if is_class_vector(first_src) or (is_binary_score(first_src) and labels is not None):
+        threshold = binary_threshold(first_src)
+        src_top1 = top1(first_src, threshold)
+        tfl_top1 = top1(first_tfl, threshold)
         agreement = float((src_top1 == tfl_top1).mean())
         if labels is not None:
             source_acc = float((src_top1 == labels).mean())

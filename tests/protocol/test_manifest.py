@@ -93,6 +93,8 @@ def _raw(manifest: Manifest, **changes: object) -> bytes:
         (b"\xff\xfe", "not valid JSON"),
         (b'{"manifest": {"x": NaN}}', "NaN is not allowed"),
         (b"[]", r"\$: expected an object"),
+        (b'{"manifest": {}, "manifest": {}}', "duplicate key 'manifest'"),
+        (b'{"manifest": {"name": "\\ud800"}, "signatures": []}', "schema|Unicode"),
     ],
 )
 def test_unreadable_manifest_is_refused(raw: bytes, message: str) -> None:
@@ -108,6 +110,10 @@ def test_unreadable_manifest_is_refused(raw: bytes, message: str) -> None:
         ({"schema_version": 99}, "schema_version 99 is not supported"),
         ({"model": {"path": "model.tflite", "sha256": "xyz", "size": 1}}, "64 lowercase hex"),
         ({"model": {"path": "../x", "sha256": "ab" * 32, "size": 1}}, "plain file name"),
+        ({"model": {"path": "", "sha256": "ab" * 32, "size": 1}}, "plain file name"),
+        ({"model": {"path": "a\\..\\b", "sha256": "ab" * 32, "size": 1}}, "plain file name"),
+        ({"model": {"path": "x\x00y", "sha256": "ab" * 32, "size": 1}}, "plain file name"),
+        ({"model": {"path": "~", "sha256": "ab" * 32, "size": 1}}, "plain file name"),
         ({"model": {"path": "m", "sha256": "ab" * 32, "size": 0}}, "size must be positive"),
         ({"inputs": []}, "at least one input"),
     ],

@@ -18,7 +18,7 @@ from protocol.signing import generate_keypair
 from tests.toolchain.cli_helpers import assert_clean_failure, run_cli, run_json
 from toolchain.convert import _call
 from toolchain.errors import ConversionError
-from toolchain.tf_client import TFWorker
+from toolchain.tf_client import TFWorker, WorkerCrashError
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_empty_calibration(digits: Path, tmp_path: Path) -> None:
     np.savez(data, x=np.zeros((0, 8, 8, 1), dtype=np.float32))
     out = tmp_path / "out"
     args = _convert(digits / "model.keras", out, "--quantize", "int8", "--calibration", data)
-    assert_clean_failure(run_cli(*args), 2, "empty", out)
+    assert_clean_failure(run_cli(*args), 2, "holds no samples", out)
 
 
 def test_labels_out_of_range(digits: Path, tmp_path: Path) -> None:
@@ -270,7 +270,14 @@ def test_flex_model_with_eval_data_is_refused_rather_than_left_unvalidated(
 def test_converter_crash_becomes_a_clear_error(digits: Path, tmp_path: Path) -> None:
     """An abort inside TensorFlow takes only the worker down, and is reported as such."""
     with TFWorker(tmp_path / "tf.log") as worker:
-        _call(worker, "load", None, src=str(digits / "model.keras"), format="keras")
+        _call(
+            worker,
+            "load",
+            None,
+            src=str(digits / "model.keras"),
+            format="keras",
+            workdir=str(tmp_path),
+        )
         pid = worker.pid
         assert pid is not None
         os.kill(pid, signal.SIGABRT)
@@ -406,3 +413,28 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
     assert "SourceModelError" in result.stderr
+
+
+def test_markup_in_a_path_is_printed_not_interpreted(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = run_cli(*_convert(tmp_path / "a[/x]b.keras", out))
+    assert_clean_failure(result, 2, "a[/x]b.keras does not exist", out)
+
+
+def test_a_folder_that_cannot_be_created_is_a_clean_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    result = run_cli("keygen", "--out", tmp_path / "file" / "keys")
+    assert_clean_failure(result, 2, "file")
+
+
+def test_a_hung_worker_is_stopped_after_its_timeout(digits: Path, tmp_path: Path) -> None:
+    with TFWorker(tmp_path / "tf.log") as worker:
+        worker.call("ping")
+        pid = worker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)  # frozen: alive, but never answers
+        with pytest.raises(WorkerCrashError, match=r"did not answer within 2 s"):
+            worker.call("ping", timeout=2)
+        assert worker.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
