@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODELS_DIR ?= models/build
 DEMO_DIR ?= demo-out
 
-.PHONY: test lint typecheck pytest bench models demo clean
+.PHONY: test lint typecheck pytest bench models demo clean mosquitto
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,7 +14,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e '.[convert,agent,server,dev]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The tests start their own brokers; Debian's packages provide the binary.
+mosquitto:
+	@command -v mosquitto >/dev/null 2>&1 || { \
+		echo "installing mosquitto from Debian's packages"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto mosquitto-clients; }
+	@command -v mosquitto_ctrl >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto-clients; }
+
+test: $(STAMP) mosquitto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy

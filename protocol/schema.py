@@ -137,7 +137,10 @@ def _decode_scalar(tp: Any, value: object, path: str) -> Any:
     elif tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if ok:
-            return float(typing.cast(float, value))
+            try:
+                return float(typing.cast(float, value))
+            except OverflowError:
+                raise SchemaError(path, "number is too large") from None
     elif tp is str:
         ok = isinstance(value, str)
     else:

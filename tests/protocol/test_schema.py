@@ -60,6 +60,7 @@ def test_decode_builds_nested_dataclasses_and_encode_round_trips() -> None:
         ({"name": 3}, r"\$\.name: expected str, got integer"),
         ({"inner": {"count": True}}, r"\$\.inner\.count: expected int, got boolean"),
         ({"inner": {"count": 1.5}}, r"\$\.inner\.count: expected int, got number"),
+        ({"inner": {"count": 1, "ratio": 10**400}}, r"\$\.inner\.ratio: number is too large"),
         ({"items": [{"count": 1}, {"count": "2"}]}, r"\$\.items\[1\]\.count: expected int"),
         ({"color": "green"}, r"\$\.color: expected one of \['red', 'blue'\]"),
         ({"kind": "c"}, r"\$\.kind: expected one of \['a', 'b'\]"),

@@ -1,0 +1,87 @@
+"""`create_app(settings)`: the FastAPI application, its storage and its MQTT bridge."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from starlette.middleware.base import RequestResponseEndpoint
+
+from fleet_server.api import artifacts, devices, models, system
+from fleet_server.blobs import BlobStore
+from fleet_server.db import make_engine, make_sessions
+from fleet_server.metrics import Metrics
+from fleet_server.migrate import upgrade
+from fleet_server.services.devices import BrokerAccess
+from fleet_server.settings import Settings
+from fleet_server.state import DesiredPublisher, FleetState
+from protocol.topics import Topics
+
+log = logging.getLogger("fleet_server")
+
+
+def build_state(settings: Settings, *, migrate: bool = True) -> FleetState:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    url = settings.resolved_database_url()
+    if migrate:
+        upgrade(url)
+    engine = make_engine(url)
+    return FleetState(
+        settings=settings,
+        engine=engine,
+        sessions=make_sessions(engine),
+        blobs=BlobStore(settings.blob_dir()),
+        topics=Topics(settings.topic_prefix),
+        metrics=Metrics(),
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    broker: BrokerAccess | None = None,
+    publisher: DesiredPublisher | None = None,
+    start_bridge: bool = True,
+) -> FastAPI:
+    """The whole server. With settings.mqtt_url and start_bridge, the lifespan connects the
+    MQTT bridge and the broker admin client; tests may pass their own instead."""
+    state = build_state(settings)
+    state.broker = broker
+    if publisher is not None:
+        state.publisher = publisher
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bridge = None
+        if start_bridge and settings.mqtt_url and publisher is None:
+            from fleet_server.mqtt.runtime import start_mqtt
+
+            bridge = start_mqtt(state)
+        try:
+            yield
+        finally:
+            if bridge is not None:
+                bridge.stop()
+            state.engine.dispose()
+
+    app = FastAPI(
+        title="edgefleet fleet server",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs",
+    )
+    app.state.fleet = state
+    for router in (devices.router, models.router, artifacts.router, system.router):
+        app.include_router(router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        template = getattr(route, "path", "unmatched")
+        state.metrics.http_requests.labels(request.method, template, response.status_code).inc()
+        return response
+
+    return app

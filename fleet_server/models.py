@@ -1,0 +1,233 @@
+"""The server's tables, as SQLAlchemy 2.0 typed models. Alembic migrations create them."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from fleet_server.db import Base
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+class ApiToken(Base):
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    # Tokens are 256 random bits, so a plain sha256 is a safe verifier and cheap to check.
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class EnrollmentToken(Base):
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tags: Mapped[list[str]] = mapped_column(JSON, default=list)
+    uses_left: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="offline", index=True)
+    last_seen_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64), index=True)
+    enrolled_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decommissioned_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+    tags: Mapped[list[DeviceTag]] = relationship(
+        cascade="all, delete-orphan", lazy="selectin", order_by="DeviceTag.tag"
+    )
+
+
+class DeviceTag(Base):
+    """One row per tag, so filtering by tag is an indexed join on any database."""
+
+    __tablename__ = "device_tags"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+
+
+class PublisherKey(Base):
+    __tablename__ = "publisher_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    keyid: Mapped[str] = mapped_column(String(64), unique=True)
+    public_key_pem: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    version: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    quantization: Mapped[str] = mapped_column(String(16))
+    signed_by: Mapped[str] = mapped_column(String(64))
+    # The signed manifest exactly as uploaded: devices verify it themselves.
+    manifest_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    uploaded_by: Mapped[str] = mapped_column(String(128))
+
+
+class DesiredState(Base):
+    """What the server last published, retained, on a device's desired topic."""
+
+    __tablename__ = "desired_states"
+
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer)
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    payload_json: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class SeenMessage(Base):
+    """(device, stream, sequence number) of every stored QoS 1 message: redeliveries hit
+    the primary key and are dropped, so each message is stored once."""
+
+    __tablename__ = "seen_messages"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    stream: Mapped[str] = mapped_column(String(16), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    received_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
+class UpdateReportRow(Base):
+    __tablename__ = "update_reports"
+    __table_args__ = (Index("ix_update_reports_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    msg_id: Mapped[int] = mapped_column(BigInteger)
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    deployment_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    desired_seq: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    model_name: Mapped[str | None] = mapped_column(String(128))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class HealthRow(Base):
+    __tablename__ = "health_samples"
+    __table_args__ = (Index("ix_health_samples_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    cpu_percent: Mapped[float] = mapped_column(Float)
+    memory_percent: Mapped[float] = mapped_column(Float)
+    memory_rss_bytes: Mapped[int] = mapped_column(BigInteger)
+    temperature_c: Mapped[float | None] = mapped_column(Float)
+    disk_free_bytes: Mapped[int] = mapped_column(BigInteger)
+    uptime_s: Mapped[float] = mapped_column(Float)
+    agent_version: Mapped[str] = mapped_column(String(64))
+
+
+class InferenceRow(Base):
+    __tablename__ = "inference_windows"
+    __table_args__ = (Index("ix_inference_windows_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    window_s: Mapped[float] = mapped_column(Float)
+    count: Mapped[int] = mapped_column(Integer)
+    errors: Mapped[int] = mapped_column(Integer)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p99_ms: Mapped[float | None] = mapped_column(Float)
+    mean_confidence: Mapped[float | None] = mapped_column(Float)
+    class_counts: Mapped[list[int]] = mapped_column(JSON)
+    nan_outputs: Mapped[int] = mapped_column(Integer)
+    drift_score: Mapped[float | None] = mapped_column(Float)
+
+
+class AccuracyRow(Base):
+    __tablename__ = "accuracy_windows"
+    __table_args__ = (Index("ix_accuracy_windows_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    window_s: Mapped[float] = mapped_column(Float)
+    labelled: Mapped[int] = mapped_column(Integer)
+    correct: Mapped[int] = mapped_column(Integer)
+
+
+class ShadowRow(Base):
+    __tablename__ = "shadow_windows"
+    __table_args__ = (Index("ix_shadow_windows_device_ts", "device_id", "ts"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64))
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+    active_version: Mapped[str] = mapped_column(String(64))
+    candidate_version: Mapped[str] = mapped_column(String(64))
+    compared: Mapped[int] = mapped_column(Integer)
+    agreed: Mapped[int] = mapped_column(Integer)
+
+
+class AuditEvent(Base):
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(256))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

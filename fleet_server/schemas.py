@@ -1,0 +1,101 @@
+"""The API's request and response bodies."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class EnrollRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(min_length=1, max_length=256)
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    tags: list[str] = Field(default_factory=list, max_length=32)
+    hardware: dict[str, Any] = Field(default_factory=dict)
+
+
+class MqttAccess(BaseModel):
+    host: str | None
+    port: int | None
+    username: str
+    topic_prefix: str
+
+
+class EnrollResponse(BaseModel):
+    device_id: str
+    secret: str
+    mqtt: MqttAccess
+    api_url: str
+
+
+class DeviceRead(BaseModel):
+    id: str
+    name: str
+    tags: list[str]
+    hardware: dict[str, Any]
+    status: str
+    last_seen_at: dt.datetime | None
+    agent_version: str | None
+    model_name: str | None
+    model_version: str | None
+    enrolled_at: dt.datetime
+
+
+class DevicePage(BaseModel):
+    items: list[DeviceRead]
+    total: int
+    limit: int
+    offset: int
+
+
+class DevicePatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[str] = Field(max_length=32)
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    public_key: str = Field(min_length=1, max_length=4096)
+
+
+class KeyRead(BaseModel):
+    name: str
+    keyid: str
+    public_key: str
+    created_at: dt.datetime
+
+
+class ModelRead(BaseModel):
+    name: str
+    version: str
+    sha256: str
+    size: int
+    quantization: str
+    signed_by: str
+    created_at: dt.datetime
+    uploaded_by: str
+
+
+class ModelDetail(ModelRead):
+    manifest: dict[str, Any]
+
+
+class AuditRead(BaseModel):
+    id: int
+    ts: dt.datetime
+    actor: str
+    action: str
+    target: str | None
+    details: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    database: Literal["ok"]
+    mqtt: Literal["connected", "disconnected", "disabled"]

@@ -1,0 +1,88 @@
+"""API tokens and enrolment tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.auth import (
+    API_TOKEN_PREFIX,
+    ENROLLMENT_TOKEN_PREFIX,
+    Role,
+    new_secret,
+    secret_hash,
+)
+from fleet_server.models import ApiToken, EnrollmentToken, aware, utcnow
+from fleet_server.services import audit
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling the API, and with which role."""
+
+    name: str
+    role: Role
+
+
+def create_api_token(session: Session, role: Role, name: str, actor: str) -> str:
+    token = new_secret(API_TOKEN_PREFIX)
+    session.add(ApiToken(name=name, role=role.name, token_hash=secret_hash(token)))
+    audit.record(session, actor, "token.create", name, role=role.name)
+    return token
+
+
+def authenticate(session: Session, token: str) -> Caller | None:
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == secret_hash(token)))
+    if row is None or row.revoked_at is not None:
+        return None
+    return Caller(row.name, Role[row.role])
+
+
+def create_enrollment_token(
+    session: Session,
+    *,
+    tags: list[str],
+    uses: int,
+    expires_in: dt.timedelta | None,
+    actor: str,
+) -> str:
+    if uses < 1:
+        raise ValueError("uses must be at least 1")
+    token = new_secret(ENROLLMENT_TOKEN_PREFIX)
+    expires_at = utcnow() + expires_in if expires_in else None
+    session.add(
+        EnrollmentToken(
+            token_hash=secret_hash(token),
+            tags=sorted(set(tags)),
+            uses_left=uses,
+            expires_at=expires_at,
+            created_by=actor,
+        )
+    )
+    audit.record(session, actor, "enrollment.create", None, tags=tags, uses=uses)
+    return token
+
+
+class EnrollmentRefused(Exception):
+    """A token that is unknown, used up or expired; the message says which."""
+
+
+def consume_enrollment_token(session: Session, token: str) -> EnrollmentToken:
+    # Row lock on PostgreSQL, so two devices cannot both take the last use.
+    row = session.scalar(
+        select(EnrollmentToken)
+        .where(EnrollmentToken.token_hash == secret_hash(token))
+        .with_for_update()
+    )
+    if row is None:
+        raise EnrollmentRefused("unknown enrollment token")
+    expires_at = aware(row.expires_at)
+    if expires_at is not None and expires_at <= utcnow():
+        raise EnrollmentRefused("enrollment token has expired")
+    if row.uses_left <= 0:
+        raise EnrollmentRefused("enrollment token has been used up")
+    row.uses_left -= 1
+    return row

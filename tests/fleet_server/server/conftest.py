@@ -1,0 +1,121 @@
+"""A real server on a real database: SQLite always, PostgreSQL too when
+EDGEFLEET_TEST_POSTGRES_URL names a server (a fresh database per test)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from fleet_server.app import create_app
+from fleet_server.auth import Role
+from fleet_server.db import transaction
+from fleet_server.services.tokens import create_api_token, create_enrollment_token
+from fleet_server.settings import Settings
+from fleet_server.state import FleetState
+from protocol.signing import generate_keypair
+from tests.toolchain.cli_helpers import run_cli
+
+POSTGRES_ENV = "EDGEFLEET_TEST_POSTGRES_URL"
+
+
+def _backends() -> list[str]:
+    return ["sqlite", "postgresql"] if os.environ.get(POSTGRES_ENV) else ["sqlite"]
+
+
+@pytest.fixture(params=_backends())
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'fleet.db'}"
+        return
+    server = make_url(os.environ[POSTGRES_ENV])
+    name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@dataclass
+class Server:
+    client: TestClient
+    state: FleetState
+    settings: Settings
+
+    def token(self, role: Role, name: str | None = None) -> dict[str, str]:
+        with transaction(self.state.sessions) as session:
+            secret = create_api_token(session, role, name or role.name, actor="test")
+        return {"Authorization": f"Bearer {secret}"}
+
+    def enrollment(self, *, tags: list[str] | None = None, uses: int = 1) -> str:
+        with transaction(self.state.sessions) as session:
+            return create_enrollment_token(
+                session, tags=tags or [], uses=uses, expires_in=None, actor="test"
+            )
+
+    def enroll(self, **body: object) -> dict[str, str]:
+        token = body.pop("token", None) or self.enrollment()
+        response = self.client.post("/api/v1/enroll", json={"token": token, **body})
+        assert response.status_code == 201, response.text
+        data: dict[str, str] = response.json()
+        return data
+
+
+@pytest.fixture
+def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    settings = Settings(
+        data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2 * 2**20
+    )
+    app = create_app(settings, start_bridge=False)
+    with TestClient(app) as client:
+        yield Server(client, app.state.fleet, settings)
+
+
+@dataclass(frozen=True)
+class Bundle:
+    folder: Path
+    public_key: Path
+    private_key: Path
+
+    def files(self) -> dict[str, tuple[str, bytes]]:
+        return {
+            "manifest": ("manifest.json", (self.folder / "manifest.json").read_bytes()),
+            "model": ("model.tflite", (self.folder / "model.tflite").read_bytes()),
+        }
+
+
+@pytest.fixture(scope="session")
+def bundle(reference_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    """A real bundle, converted and signed by edge-convert."""
+    root = tmp_path_factory.mktemp("bundle")
+    private, public = generate_keypair(root / "keys")
+    folder = reference_models["tabular"]
+    out = root / "tabular"
+    result = run_cli(
+        "convert",
+        folder / "model.keras",
+        "--out",
+        out,
+        "--name",
+        "tabular",
+        "--version",
+        "1.0.0",
+        "--signing-key",
+        private,
+        "--runs",
+        "5",
+    )
+    assert result.exit_code == 0, result.stderr
+    return Bundle(out, public, private)
