@@ -1,0 +1,131 @@
+"""`fleet-server` as an operator runs it: real processes, one data dir, one database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from fleet_server.cli import cli
+from tests.fleet_server.device_client import DeviceClient
+from tests.fleet_server.mosquitto import Mosquitto, free_port
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> Result:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "fleet-data"
+
+
+def test_bad_arguments_are_refused(data_dir: Path) -> None:
+    result = run("enrollment", "create", "--data-dir", str(data_dir), "--expires", "3x")
+    assert result.exit_code == 2
+    assert "use a number and a unit" in result.output
+    result = run("token", "create", "--data-dir", str(data_dir), "--role", "root")
+    assert result.exit_code == 2
+    result = run("enrollment", "create", "--data-dir", str(data_dir), "--tags", "bad tag")
+    assert result.exit_code == 2
+    assert "invalid tag" in result.output
+
+
+def test_broker_config_refuses_to_overwrite(data_dir: Path) -> None:
+    assert run("broker-config", "--data-dir", str(data_dir), "--port", "18830").exit_code == 0
+    conf = (data_dir / "broker" / "mosquitto.conf").read_text()
+    assert "listener 18830 127.0.0.1" in conf
+    again = run("broker-config", "--data-dir", str(data_dir))
+    assert again.exit_code == 2
+    assert (data_dir / "broker" / "mosquitto.conf").read_text() == conf
+
+
+@pytest.fixture
+def served(data_dir: Path, mosquitto_executable: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """broker-config, the broker it describes, and `fleet-server serve` as a real process;
+    every command finds the data dir through EDGEFLEET_DATA_DIR."""
+    env = {"EDGEFLEET_DATA_DIR": str(data_dir)}
+    mqtt_port = free_port()
+    assert run("broker-config", "--port", str(mqtt_port), env=env).exit_code == 0
+    broker = Mosquitto(data_dir / "broker", mosquitto_executable)
+    broker.start()
+    http_port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fleet_server.cli",
+            "serve",
+            "--port",
+            str(http_port),
+            "--mqtt-url",
+            f"mqtt://127.0.0.1:{mqtt_port}",
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{http_port}"
+    try:
+        _wait_healthy(base, process)
+        yield base, env
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        broker.kill()
+
+
+def _wait_healthy(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            assert process.stderr is not None
+            raise AssertionError(process.stderr.read().decode()[-2000:])
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).json()["mqtt"] == "connected":
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("fleet-server serve did not become healthy")
+
+
+@pytest.mark.slow
+def test_cli_made_tokens_work_against_the_served_api(
+    served: tuple[str, dict[str, str]], data_dir: Path
+) -> None:
+    base, env = served
+    token = run("token", "create", "--role", "operator", "--name", "ci", env=env)
+    assert token.exit_code == 0, token.output
+    headers = {"Authorization": f"Bearer {token.output.strip()}"}
+    enrollment = run(
+        "enrollment", "create", "--tags", "lab,cam", "--uses", "2", "--expires", "1h", env=env
+    )
+    assert enrollment.exit_code == 0, enrollment.output
+
+    response = httpx.post(f"{base}/api/v1/enroll", json={"token": enrollment.output.strip()})
+    assert response.status_code == 201, response.text
+    device = response.json()
+    assert device["mqtt"]["port"] is not None
+    listed = httpx.get(f"{base}/api/v1/devices?tag=cam", headers=headers).json()
+    assert [d["id"] for d in listed["items"]] == [device["device_id"]]
+
+    # The served server provisioned the device on the broker it was told about.
+    client = DeviceClient(
+        "127.0.0.1", device["mqtt"]["port"], device["device_id"], device["secret"]
+    )
+    assert client.connect(), client.connect_reason
+    client.close()
+    audit = httpx.get(f"{base}/api/v1/audit", headers=headers)
+    assert audit.status_code == 403  # operators act; admins read the audit log
