@@ -12,6 +12,10 @@ from typing import BinaryIO
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+class TooLarge(ValueError):
+    """The upload went past the size limit while it was being copied."""
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -24,8 +28,9 @@ class BlobStore:
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def put(self, source: BinaryIO, expected_sha256: str) -> int:
-        """Copy `source` in; refuses (ValueError) if its digest is not the expected one."""
+    def put(self, source: BinaryIO, expected_sha256: str, max_bytes: int | None = None) -> int:
+        """Copy `source` in; refuses (ValueError) if its digest is not the expected one,
+        and (TooLarge) a stream longer than max_bytes, whatever its headers claimed."""
         target = self.path(expected_sha256)
         target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
@@ -36,6 +41,8 @@ class BlobStore:
                 while block := source.read(1 << 20):
                     digest.update(block)
                     size += len(block)
+                    if max_bytes is not None and size > max_bytes:
+                        raise TooLarge(f"upload is over the limit of {max_bytes} bytes")
                     out.write(block)
                 out.flush()
                 os.fsync(out.fileno())

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep, Viewer
 from fleet_server.api.devices import _device_or_404
+from fleet_server.blobs import TooLarge
 from fleet_server.models import ModelVersion, PublisherKey
 from fleet_server.schemas import KeyCreate, KeyRead, ModelDetail, ModelRead
 from fleet_server.services import desired, models
@@ -82,7 +83,11 @@ def upload_model(
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "manifest is over 1 MiB")
     upload = models.Upload(manifest=manifest_bytes, model=model.file)
     try:
-        row = models.register_model(session, state.blobs, upload, caller.name)
+        row = models.register_model(
+            session, state.blobs, upload, caller.name, state.settings.max_upload_bytes
+        )
+    except TooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except models.RejectedUpload as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     except models.Conflict as exc:

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fleet_server.blobs import BlobStore
+from fleet_server.blobs import BlobStore, TooLarge
 from fleet_server.models import ModelVersion, PublisherKey
 from fleet_server.services import audit
 from protocol.manifest import ManifestError, parse_manifest
@@ -54,7 +54,9 @@ class Upload:
     model: BinaryIO
 
 
-def register_model(session: Session, blobs: BlobStore, upload: Upload, actor: str) -> ModelVersion:
+def register_model(
+    session: Session, blobs: BlobStore, upload: Upload, actor: str, max_bytes: int | None = None
+) -> ModelVersion:
     """Check everything before anything is stored; the blob is content-addressed, so a
     rejected upload leaves nothing that a later one could be confused with."""
     try:
@@ -68,8 +70,12 @@ def register_model(session: Session, blobs: BlobStore, upload: Upload, actor: st
     )
     if taken is not None:
         raise Conflict(f"model {m.name} {m.version} is already registered")
+    if max_bytes is not None and m.model.size > max_bytes:
+        raise TooLarge(f"the manifest declares {m.model.size} bytes; the limit is {max_bytes}")
     try:
-        size = blobs.put(upload.model, m.model.sha256)
+        size = blobs.put(upload.model, m.model.sha256, max_bytes)
+    except TooLarge:
+        raise
     except ValueError:
         raise RejectedUpload(
             "the model file's sha256 does not match the manifest: "

@@ -345,3 +345,27 @@ def test_openapi_is_served(server: Server, tmp_path: Path) -> None:
     schema = server.client.get("/openapi.json").json()
     assert "/api/v1/enroll" in schema["paths"]
     assert server.client.get("/docs").status_code == 200
+
+
+def test_a_stream_past_the_limit_is_413_even_without_a_length(
+    server: Server, bundle: Bundle
+) -> None:
+    from fleet_server.blobs import BlobStore, TooLarge
+
+    store = BlobStore(server.settings.blob_dir())
+    import io
+
+    with pytest.raises(TooLarge):
+        store.put(io.BytesIO(b"\0" * 5000), "ab" * 32, max_bytes=4096)
+    assert not store.exists("ab" * 32)
+    assert list(store.root.rglob("*.upload-*")) == []
+
+
+def test_models_and_migrations_agree(database_url: str, tmp_path: Path) -> None:
+    """The schema comes from migrations only; they must describe exactly the models."""
+    from alembic import command
+
+    from fleet_server.migrate import alembic_config, upgrade
+
+    upgrade(database_url)
+    command.check(alembic_config(database_url))  # raises if autogenerate finds a difference
