@@ -7,6 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Past this a page is empty anyway; unbounded, a huge offset overflows SQLite's integers.
+MAX_OFFSET = 2**31 - 1
+
 
 class EnrollRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")

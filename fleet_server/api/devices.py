@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
 from fleet_server.models import Device
 from fleet_server.schemas import (
+    MAX_OFFSET,
     DevicePage,
     DevicePatch,
     DeviceRead,
@@ -78,7 +79,7 @@ def list_devices(
     status_: Annotated[Literal["online", "offline"] | None, Query(alias="status")] = None,
     model_version: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DevicePage:
     rows, total = devices.list_devices(
         session, tag=tag, status=status_, model_version=model_version, limit=limit, offset=offset

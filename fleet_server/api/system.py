@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 
 from fleet_server.api.deps import Admin, SessionDep, StateDep
 from fleet_server.models import AuditEvent, Device, ModelVersion
-from fleet_server.schemas import AuditRead, Health
+from fleet_server.schemas import MAX_OFFSET, AuditRead, Health
 
 router = APIRouter(tags=["system"])
 
@@ -42,7 +42,7 @@ def audit_log(
     session: SessionDep,
     _: Admin,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> list[AuditRead]:
     rows = session.scalars(
         select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit).offset(offset)

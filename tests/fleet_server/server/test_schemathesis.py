@@ -62,6 +62,8 @@ def test_no_request_makes_the_server_fail(api_schema: schemathesis.BaseSchema) -
             max_examples=EXAMPLES,
             deadline=None,
             database=None,
+            # The same examples on every run: CI must not go red on a new random draw.
+            derandomize=True,
             suppress_health_check=list(HealthCheck),
         )
         def run(case: schemathesis.Case) -> None:
