@@ -46,7 +46,7 @@ demo: models
 	$(VENV)/bin/edge-convert verify $(DEMO_DIR)/digits --public-key $(DEMO_DIR)/keys/signing.pub
 	$(VENV)/bin/edge-convert inspect $(DEMO_DIR)/digits
 
-bench: $(STAMP)
+bench: $(STAMP) mosquitto
 	$(PY) -m bench.run --out BENCHMARKS.md
 
 clean:

@@ -22,11 +22,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     default=None,
     help="Folder of trained reference models (default: train them afresh).",
 )
-def main(out: Path, models_dir: Path | None) -> None:
-    from bench import conversion
+@click.option(
+    "--only",
+    type=click.Choice(["conversion", "ingest"]),
+    default=None,
+    help="Run just this benchmark (default: every one).",
+)
+def main(out: Path, models_dir: Path | None, only: str | None) -> None:
+    from bench import conversion, ingest, pipeline
     from toolchain.convert import machine_description
 
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
+        if only == "ingest":
+            models_dir = Path(tmp)  # no models needed: do not even import TensorFlow
         if models_dir is None:
             from models.train import RECIPES
 
@@ -35,7 +43,7 @@ def main(out: Path, models_dir: Path | None) -> None:
                 click.echo(f"training {name}", err=True)
                 train(models_dir / name, seed=0)
         figures = []
-        for name in ("digits", "tabular"):
+        for name in () if only == "ingest" else ("digits", "tabular"):
             click.echo(f"converting {name} in every mode", err=True)
             figures.append(conversion.measure(name, models_dir / name))
 
@@ -46,6 +54,8 @@ def main(out: Path, models_dir: Path | None) -> None:
         f"{dt.date.today().isoformat()}, on {machine_description()}. Every figure in a table "
         "comes from one run; compare the ratios, not absolute times, across machines.",
         "",
+    ]
+    sections = [
         "## Conversion: every quantization mode against float32",
         "",
         "Each reference model converted by `edge-convert convert --quantize auto` "
@@ -65,7 +75,14 @@ def main(out: Path, models_dir: Path | None) -> None:
         "models are the same bytes). The digits ratios are the meaningful ones.",
         "",
     ]
-    out.write_text("\n".join(text))
+    if only == "ingest":
+        sections = []
+    if only != "conversion":
+        click.echo("measuring telemetry ingest", err=True)
+        sections += ingest.markdown(ingest.measure(progress=lambda s: click.echo(s, err=True)))
+        click.echo("measuring the server pipeline per message", err=True)
+        sections += pipeline.markdown(pipeline.measure())
+    out.write_text("\n".join(text + sections))
     click.echo(f"wrote {out}", err=True)
 
 

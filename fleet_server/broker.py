@@ -228,6 +228,12 @@ def _mosquitto_conf(out: Path, host: str, port: int, plugin: Path) -> str:
             # Retained desired states are re-published by the server anyway; this bounds
             # what a broker crash (not a clean stop, which always saves) can lose.
             "autosave_interval 60",
+            # The defaults (1000 queued, 20 in flight per client) make Mosquitto discard
+            # QoS 1 messages for a subscriber that falls behind, after the publisher got its
+            # PUBACK: a fleet server catching up after a restart would lose telemetry.
+            # The server acks in database batches, so it needs many messages in flight.
+            "max_queued_messages 1000000",
+            "max_inflight_messages 2000",
             f"pid_file {out / PID_FILE}",
             f"log_dest file {out / LOG_FILE}",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",

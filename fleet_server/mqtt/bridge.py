@@ -40,6 +40,9 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 def _session_properties() -> Properties:
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_S
+    # Acks wait for the batch's commit, so a batch can only be as large as what the broker
+    # lets us hold unacknowledged.
+    properties.ReceiveMaximum = BATCH_MAX
     return properties
 
 

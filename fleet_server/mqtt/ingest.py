@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -53,10 +54,10 @@ def _claim(session: Session, keys: Sequence[tuple[str, str, int]]) -> set[tuple[
     if not keys:
         return set()
     dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     now = utcnow()
     stmt = (
-        insert(SeenMessage)
+        dialect_insert(SeenMessage)
         .on_conflict_do_nothing()
         .returning(SeenMessage.device_id, SeenMessage.stream, SeenMessage.seq)
     )
@@ -69,6 +70,18 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     unknown_device: int = 0
+
+
+@dataclass
+class _Rows:
+    """One batch, as rows per table: written with one multi-row INSERT each."""
+
+    tables: dict[type, list[dict[str, Any]]] = field(default_factory=dict)
+    # Per device, the column values its messages leave behind (later messages win).
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, table: type, row: dict[str, Any]) -> None:
+        self.tables.setdefault(table, []).append(row)
 
 
 def write_batch(session: Session, items: Sequence[Received]) -> BatchResult:
@@ -87,111 +100,71 @@ def write_batch(session: Session, items: Sequence[Received]) -> BatchResult:
             fresh.append(item)
     keys = [k for k in dict.fromkeys(_key(i) for i in fresh) if k is not None]
     claimed = _claim(session, keys)
-    seen_in_batch: set[tuple[str, str, int]] = set()
+    rows = _Rows()
     for item in fresh:
         key = _key(item)
-        if key is not None and (key not in claimed or key in seen_in_batch):
-            result.duplicates += 1
-            continue
         if key is not None:
-            seen_in_batch.add(key)
-        _store(session, item)
+            if key not in claimed:
+                result.duplicates += 1
+                continue
+            claimed.discard(key)  # a second copy within this batch is a duplicate too
+        _collect(rows, item)
         result.stored += 1
+    for table, table_rows in rows.tables.items():
+        session.execute(insert(table), table_rows)
+    for device_id, values in rows.devices.items():
+        session.execute(update(Device).where(Device.id == device_id).values(**values))
     return result
 
 
-def _store(session: Session, item: Received) -> None:
+def _collect(rows: _Rows, item: Received) -> None:
     message, device_id = item.message, item.device_id
+    device = rows.devices.setdefault(device_id, {})
+    device["last_seen_at"] = item.received_at
     if isinstance(message, Availability):
-        session.execute(
-            update(Device)
-            .where(Device.id == device_id)
-            .values(
-                status=message.state,
-                last_seen_at=item.received_at,
-                **({"agent_version": message.agent_version} if message.agent_version else {}),
-            )
-        )
+        device["status"] = message.state
+        if message.agent_version:
+            device["agent_version"] = message.agent_version
     elif isinstance(message, UpdateReport):
-        session.add(_report_row(device_id, message))
-        values: dict[str, object] = {"last_seen_at": item.received_at}
+        rows.add(UpdateReportRow, _report_row(device_id, message))
         if message.state == UpdateState.ACTIVE:
-            values |= {"model_name": message.model_name, "model_version": message.model_version}
-        session.execute(update(Device).where(Device.id == device_id).values(**values))
+            device["model_name"] = message.model_name
+            device["model_version"] = message.model_version
     else:
-        session.add_all(_telemetry_rows(device_id, message))
-        session.execute(
-            update(Device)
-            .where(Device.id == device_id)
-            .values(last_seen_at=item.received_at, status="online")
-        )
+        device["status"] = "online"
+        for table, row in _telemetry_rows(device_id, message):
+            rows.add(table, row)
 
 
-def _report_row(device_id: str, r: UpdateReport) -> UpdateReportRow:
-    return UpdateReportRow(
-        device_id=device_id,
-        msg_id=r.msg_id,
-        ts=_when(r.ts),
-        deployment_id=r.deployment_id,
-        desired_seq=r.desired_seq,
-        state=r.state.value,
-        model_name=r.model_name,
-        model_version=r.model_version,
-        reason=r.reason,
-    )
+def _report_row(device_id: str, r: UpdateReport) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "msg_id": r.msg_id,
+        "ts": _when(r.ts),
+        "deployment_id": r.deployment_id,
+        "desired_seq": r.desired_seq,
+        "state": r.state.value,
+        "model_name": r.model_name,
+        "model_version": r.model_version,
+        "reason": r.reason,
+    }
 
 
-def _telemetry_rows(
-    device_id: str, batch: TelemetryBatch
-) -> Iterable[HealthRow | InferenceRow | AccuracyRow | ShadowRow]:
-    for h in batch.health:
-        yield HealthRow(
-            device_id=device_id,
-            ts=_when(h.ts),
-            cpu_percent=h.cpu_percent,
-            memory_percent=h.memory_percent,
-            memory_rss_bytes=h.memory_rss_bytes,
-            temperature_c=h.temperature_c,
-            disk_free_bytes=h.disk_free_bytes,
-            uptime_s=h.uptime_s,
-            agent_version=h.agent_version,
-        )
-    for s in batch.inference:
-        yield InferenceRow(
-            device_id=device_id,
-            ts=_when(s.ts),
-            model_name=s.model_name,
-            model_version=s.model_version,
-            window_s=s.window_s,
-            count=s.count,
-            errors=s.errors,
-            latency_p50_ms=s.latency_p50_ms,
-            latency_p95_ms=s.latency_p95_ms,
-            latency_p99_ms=s.latency_p99_ms,
-            mean_confidence=s.mean_confidence,
-            class_counts=list(s.class_counts),
-            nan_outputs=s.nan_outputs,
-            drift_score=s.drift_score,
-        )
-    for a in batch.accuracy:
-        yield AccuracyRow(
-            device_id=device_id,
-            ts=_when(a.ts),
-            model_name=a.model_name,
-            model_version=a.model_version,
-            window_s=a.window_s,
-            labelled=a.labelled,
-            correct=a.correct,
-        )
-    for sh in batch.shadow:
-        yield ShadowRow(
-            device_id=device_id,
-            ts=_when(sh.ts),
-            active_version=sh.active_version,
-            candidate_version=sh.candidate_version,
-            compared=sh.compared,
-            agreed=sh.agreed,
-        )
+def _telemetry_rows(device_id: str, batch: TelemetryBatch) -> Iterable[tuple[type, dict[str, Any]]]:
+    # Every sample type maps field for field onto its table, plus the device and a datetime.
+    for table, samples in (
+        (HealthRow, batch.health),
+        (InferenceRow, batch.inference),
+        (AccuracyRow, batch.accuracy),
+        (ShadowRow, batch.shadow),
+    ):
+        for sample in samples:
+            row = {f.name: getattr(sample, f.name) for f in fields(sample)}
+            row["ts"] = _when(sample.ts)
+            row["device_id"] = device_id
+            if "class_counts" in row:
+                row["class_counts"] = list(row["class_counts"])
+            yield table, row
 
 
 def prune(session: Session, older_than: dt.datetime) -> int:

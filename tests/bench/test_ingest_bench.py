@@ -1,0 +1,82 @@
+"""The ingest benchmark's machinery, at a size where nothing can fall behind: it must count
+every message sent, stored and resent exactly. Nothing here looks at how fast anything is."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bench import ingest
+from tests.fleet_server.mosquitto import find_mosquitto
+
+DEVICES = 3
+PER_DEVICE = 100
+RESEND = 30
+
+
+@pytest.fixture(scope="module")
+def figures() -> ingest.IngestFigures:
+    if find_mosquitto() is None:
+        pytest.fail(
+            "the mosquitto broker is not installed; `make test` installs it "
+            "(apt-get install mosquitto mosquitto-clients)",
+            pytrace=False,
+        )
+    return ingest.measure(
+        devices=DEVICES,
+        messages=DEVICES * PER_DEVICE,
+        resend=RESEND,
+        publishers=2,
+        postgres=False,
+    )
+
+
+def _row(figures: ingest.IngestFigures, label: str) -> ingest.Row:
+    return next(r for r in figures.rows if r.label == label)
+
+
+def test_every_message_is_counted_once(figures: ingest.IngestFigures) -> None:
+    assert [r.label for r in figures.rows] == [ingest.BARE, ingest.SQLITE]
+    assert (figures.devices, figures.per_device, figures.publishers) == (DEVICES, PER_DEVICE, 2)
+    for row in figures.rows:
+        assert (row.sent, row.stored, row.lost) == (DEVICES * PER_DEVICE,) * 2 + (0,)
+        assert row.broker_dropping == 0
+        assert row.seconds > 0
+    assert figures.postgres_note == "not asked for"
+
+
+def test_resent_messages_are_dropped_not_stored(figures: ingest.IngestFigures) -> None:
+    row = _row(figures, ingest.SQLITE)
+    assert row.resent == row.resent_received == RESEND
+    assert row.already_stored == RESEND
+    assert row.duplicates_dropped == RESEND
+    assert row.stored_twice == 0
+    assert row.dedupe_ok
+    assert row.queue_full == 0
+
+
+def test_markdown_reports_the_counts(figures: ingest.IngestFigures) -> None:
+    lines = ingest.markdown(figures)
+    assert lines[0] == "## Telemetry ingest: server vs a bare MQTT subscriber"
+    sent = DEVICES * PER_DEVICE
+    assert any(line.startswith(f"| {ingest.BARE} | {sent} | {sent} | 0 |") for line in lines)
+    sqlite = next(line for line in lines if line.startswith(f"| {ingest.SQLITE} |"))
+    assert sqlite.startswith(f"| {ingest.SQLITE} | {sent} | {sent} | 0 |")
+    assert sqlite.endswith(f"| {RESEND} ({RESEND}) | {RESEND} | 0 |")
+    assert f"- {ingest.POSTGRES}: PostgreSQL was not asked for — not measured" in lines
+    assert any(
+        line.startswith(f"- {ingest.SQLITE}, resent messages:") and line.endswith("— met")
+        for line in lines
+    )
+
+
+def test_markdown_says_missed_for_losses_and_duplicates(figures: ingest.IngestFigures) -> None:
+    row = _row(figures, ingest.SQLITE)
+    bad = dataclasses.replace(row, stored=row.sent - 5, stored_twice=2, broker_dropping=1)
+    lines = ingest.markdown(dataclasses.replace(figures, rows=[figures.bare, bad]))
+    target = next(line for line in lines if line.startswith(f"- {ingest.SQLITE}: "))
+    assert target.endswith("5 of 300 lost — MISSED")
+    dedupe = next(line for line in lines if line.startswith(f"- {ingest.SQLITE}, resent"))
+    assert dedupe.endswith("2 stored twice — MISSED")
+    assert any("began discarding messages" in line for line in lines)
