@@ -87,5 +87,13 @@ def markdown(rows: list[PipelineRow]) -> list[str]:
         lines.append(
             f"| {row.database} | {row.decode_us:.0f} | {row.write_us:.0f} | {row.ceiling:,.0f} |"
         )
-    lines.append("")
+    best = max(rows, key=lambda r: r.ceiling)
+    lines += [
+        "",
+        f"At {best.ceiling:,.0f} messages/s per core at best ({best.database}), one server "
+        f"process cannot take 5,000 messages/s: that needs {5000 / best.ceiling:.1f} cores of "
+        "this pipeline, i.e. a cheaper decoder and writer, or server replicas splitting the "
+        "shared subscription on a machine with cores to spare.",
+        "",
+    ]
     return lines
