@@ -21,7 +21,7 @@ from typing import Literal
 
 import numpy as np
 
-from protocol.schema import SchemaError, decode, encode
+from protocol.schema import SchemaError, decode, encode, unique_keys
 
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -292,7 +292,7 @@ def manifest_to_json(signed: SignedManifest) -> bytes:
 def parse_manifest(raw: bytes) -> SignedManifest:
     try:
         data = json.loads(
-            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=unique_keys
         )
     except (UnicodeDecodeError, ValueError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
@@ -304,17 +304,6 @@ def parse_manifest(raw: bytes) -> SignedManifest:
     except UnicodeEncodeError:
         raise ManifestError("manifest holds text that is not valid Unicode") from None
     return signed
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """Two parsers that keep different copies of a duplicated key would read different
-    manifests under one signature; refuse the ambiguity outright."""
-    out: dict[str, object] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _reject_constant(name: str) -> float:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from protocol.manifest import SignedManifest, check_name, semver_key
-from protocol.schema import SchemaError, decode, encode
+from protocol.schema import SchemaError, decode, encode, unique_keys
 
 if TYPE_CHECKING:
     from protocol.topics import TopicKind
@@ -514,7 +514,7 @@ def _parse_json(name: str, raw: bytes) -> object:
             parse_constant=_refuse_constant,
             parse_float=_parse_float,
             parse_int=_parse_int,
-            object_pairs_hook=_unique_keys,
+            object_pairs_hook=unique_keys,
         )
     except RecursionError:
         raise PayloadError(f"{name} payload is nested too deeply") from None
@@ -540,16 +540,6 @@ def _parse_int(token: str) -> int:
     if not -MAX_INT - 1 <= value <= MAX_INT:
         raise ValueError(f"integer {token[:32]} is out of the 64-bit range")
     return value
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Parsers disagree on which duplicate wins; refusing them closes that ambiguity.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
 
 
 def _check_values(name: str, data: object) -> None:

@@ -301,6 +301,20 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook that refuses duplicate keys.
+
+    Parsers disagree on which copy of a duplicated key wins, so one signed document could
+    be read two ways; refusing duplicates closes that ambiguity.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
 def encode(value: Any) -> Any:
     """The JSON value of a dataclass tree (enums by value, tuples as arrays)."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
