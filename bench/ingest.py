@@ -567,98 +567,93 @@ def _measure_server(
     resend: int,
     processes: int,
 ) -> Row:
-    from fastapi.testclient import TestClient
     from sqlalchemy import func, select
 
-    from fleet_server.app import create_app
     from fleet_server.models import HealthRow, SeenMessage
-    from fleet_server.mqtt.bridge import MqttBridge
-    from fleet_server.settings import Settings
+    from tests.fleet_server.harness import connected_server
 
-    with _broker(folder) as broker:
-        settings = Settings(
-            data_dir=folder / "data",
-            database_url=database_url,
-            mqtt_url=f"mqtt://{broker.host}:{broker.port}",
-            broker_dir=broker.config_dir,
+    with (
+        _broker(folder) as broker,
+        connected_server(
+            folder / "data",
+            database_url,
+            broker.host,
+            broker.port,
+            broker.config_dir,
+            CONNECT_TIMEOUT_S,
+        ) as (client, state, bridge),
+    ):
+        fleet = _enroll(client, state, devices)
+
+        def stored() -> int:
+            with state.sessions() as session:
+                return session.scalar(select(func.count()).select_from(HealthRow)) or 0
+
+        def seen(slice_: range | None = None) -> int:
+            """Distinct telemetry (device, seq) keys stored, in `slice_` if given."""
+            query = select(func.count()).select_from(SeenMessage)
+            query = query.where(SeenMessage.stream == "telemetry")
+            if slice_ is not None:
+                query = query.where(
+                    SeenMessage.device_id.in_([d.device_id for d in fleet]),
+                    SeenMessage.seq >= slice_.start,
+                    SeenMessage.seq < slice_.stop,
+                )
+            with state.sessions() as session:
+                return session.scalar(query) or 0
+
+        def metric(name: str, **labels: str) -> float:
+            return state.metrics.registry.get_sample_value(name, labels) or 0.0
+
+        messages = "edgefleet_mqtt_messages_total"
+
+        def accepted() -> int:
+            return int(metric(messages, kind="telemetry", result="accepted"))
+
+        def duplicates() -> int:
+            return int(metric("edgefleet_mqtt_duplicates_total", kind="all"))
+
+        def idle(publishers: _Publishers) -> bool:
+            # drain() returns at once when every queued message is written.
+            return publishers.finished and bridge.drain(timeout=POLL_S)
+
+        expected = len(fleet) * len(seqs)
+        with _publishers(broker.host, broker.port, fleet, seqs, processes) as publishers:
+            publishers.go()
+            count, done_at = _wait_for(stored, expected, lambda: idle(publishers))
+            run = publishers.result()
+        batches = metric("edgefleet_ingest_batch_messages_count")
+        batched = metric("edgefleet_ingest_batch_messages_sum")
+        dropping = broker.dropping_notices()
+
+        # A device resends what it saw no PUBACK for, and the broker redelivers what it
+        # saw no PUBACK for: the same seq again must be dropped, not stored twice.
+        per_device = max(1, min(len(seqs), resend // max(1, len(fleet))))
+        again = range(seqs.start, seqs.start + per_device)
+        before_dup, before_accepted = duplicates(), accepted()
+        already = seen(again)  # all of the slice, unless some of it was lost above
+        with _publishers(broker.host, broker.port, fleet, again, processes) as publishers:
+            publishers.go()
+            resent = publishers.result().acked
+            _wait_for(lambda: accepted() - before_accepted, resent, lambda: idle(publishers))
+        bridge.drain()
+        received = accepted() - before_accepted
+        return Row(
+            label=label,
+            sent=run.sent,
+            stored=count,
+            seconds=done_at - run.first_publish,
+            publish_rate=run.rate,
+            broker_dropping=dropping,
+            resent=resent,
+            resent_received=received,
+            already_stored=already,
+            duplicates_dropped=duplicates() - before_dup,
+            # One health row per distinct (device, seq), whatever was resent.
+            stored_twice=stored() - seen(),
+            mean_batch=batched / batches if batches else None,
+            queue_full=int(metric(messages, kind="all", result="queue_full")),
         )
-        app = create_app(settings)
-        with TestClient(app) as client:
-            state: FleetState = app.state.fleet
-            bridge = state.publisher
-            if not isinstance(bridge, MqttBridge) or not bridge.wait_connected(CONNECT_TIMEOUT_S):
-                raise RuntimeError("the server's MQTT bridge did not connect")
-            fleet = _enroll(client, state, devices)
-
-            def stored() -> int:
-                with state.sessions() as session:
-                    return session.scalar(select(func.count()).select_from(HealthRow)) or 0
-
-            def seen(slice_: range | None = None) -> int:
-                """Distinct telemetry (device, seq) keys stored, in `slice_` if given."""
-                query = select(func.count()).select_from(SeenMessage)
-                query = query.where(SeenMessage.stream == "telemetry")
-                if slice_ is not None:
-                    query = query.where(
-                        SeenMessage.device_id.in_([d.device_id for d in fleet]),
-                        SeenMessage.seq >= slice_.start,
-                        SeenMessage.seq < slice_.stop,
-                    )
-                with state.sessions() as session:
-                    return session.scalar(query) or 0
-
-            def metric(name: str, **labels: str) -> float:
-                return state.metrics.registry.get_sample_value(name, labels) or 0.0
-
-            messages = "edgefleet_mqtt_messages_total"
-
-            def accepted() -> int:
-                return int(metric(messages, kind="telemetry", result="accepted"))
-
-            def duplicates() -> int:
-                return int(metric("edgefleet_mqtt_duplicates_total", kind="all"))
-
-            def idle(publishers: _Publishers) -> bool:
-                # drain() returns at once when every queued message is written.
-                return publishers.finished and bridge.drain(timeout=POLL_S)
-
-            expected = len(fleet) * len(seqs)
-            with _publishers(broker.host, broker.port, fleet, seqs, processes) as publishers:
-                publishers.go()
-                count, done_at = _wait_for(stored, expected, lambda: idle(publishers))
-                run = publishers.result()
-            batches = metric("edgefleet_ingest_batch_messages_count")
-            batched = metric("edgefleet_ingest_batch_messages_sum")
-            dropping = broker.dropping_notices()
-
-            # A device resends what it saw no PUBACK for, and the broker redelivers what it
-            # saw no PUBACK for: the same seq again must be dropped, not stored twice.
-            per_device = max(1, min(len(seqs), resend // max(1, len(fleet))))
-            again = range(seqs.start, seqs.start + per_device)
-            before_dup, before_accepted = duplicates(), accepted()
-            already = seen(again)  # all of the slice, unless some of it was lost above
-            with _publishers(broker.host, broker.port, fleet, again, processes) as publishers:
-                publishers.go()
-                resent = publishers.result().acked
-                _wait_for(lambda: accepted() - before_accepted, resent, lambda: idle(publishers))
-            bridge.drain()
-            received = accepted() - before_accepted
-            return Row(
-                label=label,
-                sent=run.sent,
-                stored=count,
-                seconds=done_at - run.first_publish,
-                publish_rate=run.rate,
-                broker_dropping=dropping,
-                resent=resent,
-                resent_received=received,
-                already_stored=already,
-                duplicates_dropped=duplicates() - before_dup,
-                # One health row per distinct (device, seq), whatever was resent.
-                stored_twice=stored() - seen(),
-                mean_batch=batched / batches if batches else None,
-                queue_full=int(metric(messages, kind="all", result="queue_full")),
-            )
 
 
 class PostgresUnavailable(Exception):
@@ -668,29 +663,23 @@ class PostgresUnavailable(Exception):
 @contextlib.contextmanager
 def postgres_database() -> Iterator[str]:
     """A fresh database on the PostgreSQL server, dropped afterwards."""
-    from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
+    from tests.fleet_server.harness import create_database, drop_database
+
     raw = os.environ.get(POSTGRES_ENV) or os.environ.get(TEST_POSTGRES_ENV) or DEFAULT_POSTGRES_URL
-    server = make_url(raw)
-    name = f"edgefleet_bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
     try:
-        with admin.connect() as connection:
-            connection.execute(text(f'CREATE DATABASE "{name}"'))
+        url = create_database(raw, "edgefleet_bench", connect_timeout=5)
     except SQLAlchemyError as exc:
-        admin.dispose()
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        where = server.render_as_string(hide_password=True)
+        where = make_url(raw).render_as_string(hide_password=True)
         reason = first[0] if first else type(exc).__name__
         raise PostgresUnavailable(f"{where}: {reason}") from None
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(url)
 
 
 def measure(

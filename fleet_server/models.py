@@ -158,13 +158,18 @@ class UpdateReportRow(Base):
     reason: Mapped[str | None] = mapped_column(Text)
 
 
-class HealthRow(Base):
-    __tablename__ = "health_samples"
-    __table_args__ = (Index("ix_health_samples_device_ts", "device_id", "ts"),)
+class _DeviceSample:
+    """The columns every telemetry table starts with; retention prunes on `ts`."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     device_id: Mapped[str] = mapped_column(String(64))
     ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class HealthRow(_DeviceSample, Base):
+    __tablename__ = "health_samples"
+    __table_args__ = (Index("ix_health_samples_device_ts", "device_id", "ts"),)
+
     cpu_percent: Mapped[float] = mapped_column(Float)
     memory_percent: Mapped[float] = mapped_column(Float)
     memory_rss_bytes: Mapped[int] = mapped_column(BigInteger)
@@ -174,13 +179,10 @@ class HealthRow(Base):
     agent_version: Mapped[str] = mapped_column(String(64))
 
 
-class InferenceRow(Base):
+class InferenceRow(_DeviceSample, Base):
     __tablename__ = "inference_windows"
     __table_args__ = (Index("ix_inference_windows_device_ts", "device_id", "ts"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64))
-    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(64), index=True)
     window_s: Mapped[float] = mapped_column(Float)
@@ -195,13 +197,10 @@ class InferenceRow(Base):
     drift_score: Mapped[float | None] = mapped_column(Float)
 
 
-class AccuracyRow(Base):
+class AccuracyRow(_DeviceSample, Base):
     __tablename__ = "accuracy_windows"
     __table_args__ = (Index("ix_accuracy_windows_device_ts", "device_id", "ts"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64))
-    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(64), index=True)
     window_s: Mapped[float] = mapped_column(Float)
@@ -209,13 +208,10 @@ class AccuracyRow(Base):
     correct: Mapped[int] = mapped_column(Integer)
 
 
-class ShadowRow(Base):
+class ShadowRow(_DeviceSample, Base):
     __tablename__ = "shadow_windows"
     __table_args__ = (Index("ix_shadow_windows_device_ts", "device_id", "ts"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    device_id: Mapped[str] = mapped_column(String(64))
-    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
     active_version: Mapped[str] = mapped_column(String(64))
     candidate_version: Mapped[str] = mapped_column(String(64))
     compared: Mapped[int] = mapped_column(Integer)

@@ -4,15 +4,12 @@ EDGEFLEET_TEST_POSTGRES_URL names a server (a fresh database per test)."""
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from fleet_server.app import create_app
 from fleet_server.auth import Role
@@ -21,6 +18,7 @@ from fleet_server.services.tokens import create_api_token, create_enrollment_tok
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
 from protocol.signing import generate_keypair
+from tests.fleet_server.harness import create_database, drop_database
 from tests.toolchain.cli_helpers import run_cli
 
 POSTGRES_ENV = "EDGEFLEET_TEST_POSTGRES_URL"
@@ -35,17 +33,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'fleet.db'}"
         return
-    server = make_url(os.environ[POSTGRES_ENV])
-    name = f"edgefleet_test_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = create_database(os.environ[POSTGRES_ENV], "edgefleet_test")
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield url
     finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        drop_database(url)
 
 
 @dataclass

@@ -9,15 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from fleet_server.app import create_app
 from fleet_server.auth import Role
 from fleet_server.db import transaction
 from fleet_server.models import Device, HealthRow, InferenceRow, UpdateReportRow
 from fleet_server.mqtt.bridge import MqttBridge
-from fleet_server.settings import Settings
 from protocol.manifest import parse_manifest
 from protocol.messages import (
     Availability,
@@ -34,6 +31,7 @@ from protocol.signing import load_public_key, verify_signature
 from protocol.topics import Topics
 from tests.fleet_server.conftest import RunningBroker
 from tests.fleet_server.device_client import WAIT, DeviceClient
+from tests.fleet_server.harness import connected_server
 from tests.fleet_server.server.conftest import Bundle, Server
 
 TOPICS = Topics()
@@ -62,19 +60,10 @@ class Fleet(Server):
 
 @pytest.fixture
 def fleet(broker: RunningBroker, database_url: str, tmp_path: Path) -> Iterator[Fleet]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        database_url=database_url,
-        mqtt_url=f"mqtt://{broker.host}:{broker.port}",
-        broker_dir=broker.config_dir,
-    )
-    app = create_app(settings)
-    with TestClient(app) as client:
-        state = app.state.fleet
-        bridge = state.publisher
-        assert isinstance(bridge, MqttBridge)
-        assert bridge.wait_connected(WAIT)
-        yield Fleet(client, state, settings, broker, bridge)
+    with connected_server(
+        tmp_path / "data", database_url, broker.host, broker.port, broker.config_dir, WAIT
+    ) as (client, state, bridge):
+        yield Fleet(client, state, state.settings, broker, bridge)
 
 
 def eventually(check: Callable[[], bool], timeout: float = WAIT) -> bool:

@@ -7,7 +7,6 @@ server that already has devices, a trusted key and a model, so the deep paths ar
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
@@ -76,7 +75,7 @@ def test_no_request_makes_the_server_fail(api_schema: schemathesis.BaseSchema) -
     assert not failures, "\n\n".join(failures)
 
 
-def test_the_schema_covers_every_route(api_schema: schemathesis.BaseSchema, tmp_path: Path) -> None:
+def test_the_schema_covers_every_route(api_schema: schemathesis.BaseSchema) -> None:
     paths = set(api_schema.raw_schema["paths"])
     for path in ("/api/v1/enroll", "/api/v1/devices/{device_id}", "/api/v1/models", "/healthz"):
         assert path in paths
