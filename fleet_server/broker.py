@@ -233,7 +233,7 @@ def _mosquitto_conf(out: Path, host: str, port: int, plugin: Path) -> str:
             # PUBACK: a fleet server catching up after a restart would lose telemetry.
             # The server acks in database batches, so it needs many messages in flight.
             "max_queued_messages 1000000",
-            "max_inflight_messages 2000",
+            "max_inflight_messages 10000",
             f"pid_file {out / PID_FILE}",
             f"log_dest file {out / LOG_FILE}",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",

@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from protocol.manifest import SignedManifest, check_name, semver_key
-from protocol.schema import SchemaError, decode, encode, unique_keys
+from protocol.schema import (
+    SchemaError,
+    compiled_decoder,
+    decode,
+    encode,
+    has_free_form,
+    unique_keys,
+)
 
 if TYPE_CHECKING:
     from protocol.topics import TopicKind
@@ -343,8 +350,9 @@ class InferenceStats:
         if self.count == 0 and self.mean_confidence is not None:
             raise ValueError("mean_confidence must be null when count is 0")
         _check_optional_float("mean_confidence", self.mean_confidence, 0.0, 1.0)
-        for i, n in enumerate(self.class_counts):
-            _check_int(f"class_counts[{i}]", n)
+        if self.class_counts and min(self.class_counts) < 0:
+            i = next(i for i, n in enumerate(self.class_counts) if n < 0)
+            _check_int(f"class_counts[{i}]", self.class_counts[i])
         if sum(self.class_counts) > self.count:
             raise ValueError("class_counts add up to more than count")
         _check_optional_float("drift_score", self.drift_score, low=0.0)
@@ -474,6 +482,10 @@ def encode_payload(obj: Payload) -> bytes:
 def decode_payload(cls: type[P], raw: bytes) -> P:
     """Check and decode one MQTT payload, or raise PayloadError saying why not."""
     name = _payload_name(cls)
+    if cls in _FULLY_TYPED and b"\\u" not in raw:
+        message = _decode_typed(cls, raw)
+        if message is not None:
+            return message
     data = _parse_json(name, raw)
     if not isinstance(data, dict):
         raise PayloadError(f"{name} payload must be a JSON object, got {_json_kind(data)}")
@@ -482,6 +494,26 @@ def decode_payload(cls: type[P], raw: bytes) -> P:
         return decode(cls, data)
     except SchemaError as exc:
         raise PayloadError(f"{name} payload does not fit the schema: {exc}") from None
+
+
+def _decode_typed(cls: type[P], raw: bytes) -> P | None:
+    """The telemetry fast path, for payloads the schema describes to the last value.
+
+    There the schema already refuses what the careful path's number hooks and value walk
+    look for (integers beyond 64 bits, infinities, nesting deeper than the schema, and,
+    with no `\\u` escape in the text, unpaired surrogates), so only plain parsing is
+    left. It answers only "yes": on any doubt the careful path runs and says why not.
+    """
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        text = raw.decode("utf-8")  # json.loads would also take UTF-16 and UTF-32
+        data = _TYPED_JSON.decode(text)
+        if type(data) is not dict or data.get("schema_version") != MESSAGE_SCHEMA_VERSION:
+            return None
+        return compiled_decoder(cls)(data)
+    except Exception:
+        return None
 
 
 def _payload_name(cls: type) -> str:
@@ -615,3 +647,7 @@ __all__ = [
     "encode_payload",
     "payload_type",
 ]
+
+_TYPED_JSON = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=unique_keys)
+# Decided once: which payloads may take `_decode_typed`.
+_FULLY_TYPED = frozenset(cls for cls in PAYLOAD_TYPES if not has_free_form(cls))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -17,6 +18,10 @@ from functools import cache
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 T = TypeVar("T")
+
+# JSON numbers travel as IEEE doubles and 64-bit integers; a schema takes nothing else,
+# so no database column or peer parser meets a value it cannot hold.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
 
 
 class SchemaError(ValueError):
@@ -39,6 +44,12 @@ def decode(cls: type[T], value: object, path: str = "$") -> T:
     except (_Mismatch, ValueError, TypeError, OverflowError):
         # Only wrong input gets here: walk it again, slowly, to say where it is wrong.
         return typing.cast(T, _decode(cls, value, path))
+
+
+def compiled_decoder(cls: type[T]) -> typing.Callable[[object], T]:
+    """`decode` without the error reporting: raises an unspecified exception on a
+    mismatch. For hot paths that fall back to `decode` to say what was wrong."""
+    return typing.cast(typing.Callable[[object], T], _compiled(typing.cast(Any, cls)))
 
 
 class _Mismatch(Exception):
@@ -122,6 +133,9 @@ def _compile_sequence(tp: Any) -> Decoder:
             return tuple(d(v) for d, v in zip(fixed, value, strict=True))
 
         return fixed_tuple
+    check = _inline_check(args[0]) if args else None
+    if check is not None:
+        return _compile_scalar_sequence(check, is_tuple)
     item = _compiled(args[0] if args else Any)
 
     def sequence(value: object) -> Any:
@@ -133,42 +147,104 @@ def _compile_sequence(tp: Any) -> Decoder:
     return sequence
 
 
+# Scalar checks written inline into a dataclass's generated decoder: `v` is the value,
+# and a statement may rebind it (ints where floats go become floats).
+_INLINE_CHECKS: dict[Any, str] = {
+    bool: "if type(v) is not bool: raise _Mismatch",
+    str: "if type(v) is not str: raise _Mismatch",
+    int: "if type(v) is not int or not INT_MIN <= v <= INT_MAX: raise _Mismatch",
+    float: (
+        "if type(v) is float:\n"
+        "    if not isfinite(v): raise _Mismatch\n"
+        "elif type(v) is int and INT_MIN <= v <= INT_MAX: v = float(v)\n"
+        "else: raise _Mismatch"
+    ),
+}
+
+
+def _inline_check(tp: Any) -> str | None:
+    """Source that checks `v` against `tp`, for scalars and optional scalars; else None."""
+    if tp in _INLINE_CHECKS:
+        return _INLINE_CHECKS[tp]
+    if get_origin(tp) in (Union, types.UnionType):
+        options = [o for o in get_args(tp) if o is not type(None)]
+        if len(options) == 1 and len(get_args(tp)) == 2 and options[0] in _INLINE_CHECKS:
+            body = _INLINE_CHECKS[options[0]].replace("\n", "\n    ")
+            return f"if v is not None:\n    {body}"
+    return None
+
+
+def _generated(name: str, lines: list[str], env: dict[str, Any]) -> Decoder:
+    env.update(_Mismatch=_Mismatch, isfinite=math.isfinite, INT_MIN=INT_MIN, INT_MAX=INT_MAX)
+    exec("\n".join(lines), env)
+    decoder: Decoder = env[name]
+    return decoder
+
+
+def _compile_scalar_sequence(check: str, is_tuple: bool) -> Decoder:
+    lines = [
+        "def sequence(value):",
+        "    if type(value) is not list: raise _Mismatch",
+        "    out = []",
+        "    for v in value:",
+        *("        " + line for line in check.splitlines()),
+        "        out.append(v)",
+        f"    return {'tuple(out)' if is_tuple else 'out'}",
+    ]
+    return _generated("sequence", lines, {})
+
+
 def _compile_dataclass(cls: type) -> Decoder:
+    """Python source generated for `cls`, the way `dataclasses` writes `__init__`: each
+    scalar field's check inline, with no call or dictionary per field (telemetry goes
+    through here thousands of times a second)."""
     hints = _hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
-    known = frozenset(f.name for f in fields)
-    required = frozenset(
-        f.name
-        for f in fields
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    )
-    decoders = {f.name: _compiled(hints[f.name]) for f in fields}
-
-    def build(value: object) -> Any:
-        if not isinstance(value, dict):
-            raise _Mismatch
-        keys = value.keys()
-        if not keys <= known or not required <= keys:
-            raise _Mismatch
-        return cls(**{name: decoders[name](v) for name, v in value.items()})
-
-    return build
+    env: dict[str, Any] = {
+        "cls": cls,
+        "known": frozenset(f.name for f in fields),
+        "required": frozenset(
+            f.name
+            for f in fields
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ),
+    }
+    lines = [
+        "def build(value):",
+        "    if type(value) is not dict: raise _Mismatch",
+        "    keys = value.keys()",
+        "    if not keys <= known or not required <= keys: raise _Mismatch",
+        "    kwargs = {}",
+    ]
+    for n, f in enumerate(fields):
+        check = _inline_check(hints[f.name])
+        if check is None:
+            env[f"decode_{n}"] = _compiled(hints[f.name])
+            check = f"v = decode_{n}(v)"
+        indent = "        " if f.name in env["required"] else "            "
+        if f.name not in env["required"]:
+            lines.append(f"    if {f.name!r} in value:")
+        lines.append(f"{indent[4:]}v = value[{f.name!r}]")
+        lines += [indent[4:] + line for line in check.splitlines()]
+        lines.append(f"{indent[4:]}kwargs[{f.name!r}] = v")
+    lines.append("    return cls(**kwargs)")
+    return _generated("build", lines, env)
 
 
 def _compile_scalar(tp: Any) -> Decoder:
     if tp is bool:
         return lambda v: v if type(v) is bool else _fail()
     if tp is int:
-        return lambda v: v if type(v) is int else _fail()
+        return lambda v: v if type(v) is int and INT_MIN <= v <= INT_MAX else _fail()
     if tp is str:
         return lambda v: v if type(v) is str else _fail()
     if tp is float:
 
         def real(v: object) -> float:
-            if type(v) is float:
+            if type(v) is float and math.isfinite(v):
                 return v
-            if type(v) is int:
-                return float(v)  # may overflow: the slow path reports that
+            if type(v) is int and INT_MIN <= v <= INT_MAX:
+                return float(v)
             raise _Mismatch
 
         return real
@@ -272,13 +348,16 @@ def _decode_scalar(tp: Any, value: object, path: str) -> Any:
         ok = isinstance(value, bool)
     elif tp is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+        if ok and not INT_MIN <= typing.cast(int, value) <= INT_MAX:
+            raise SchemaError(path, "integer is outside the 64-bit range")
     elif tp is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(value, int) and ok and not INT_MIN <= value <= INT_MAX:
+            raise SchemaError(path, "integer is outside the 64-bit range")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SchemaError(path, f"expected a finite number, got {value}")
         if ok:
-            try:
-                return float(typing.cast(float, value))
-            except OverflowError:
-                raise SchemaError(path, "number is too large") from None
+            return float(typing.cast(float, value))
     elif tp is str:
         ok = isinstance(value, str)
     else:
@@ -299,6 +378,15 @@ def _kind(value: object) -> str:
         list: "array",
         dict: "object",
     }.get(type(value), type(value).__name__)
+
+
+def has_free_form(tp: Any) -> bool:
+    """Whether any part of `tp` is `Any`: JSON the schema does not describe."""
+    if tp is Any:
+        return True
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return any(has_free_form(h) for h in _hints(tp).values())
+    return any(has_free_form(a) for a in get_args(tp) if a is not Ellipsis)
 
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """The server's MQTT connection: desired states out, availability, reports and telemetry in.
 
-paho's network thread only checks and queues; one writer thread turns the queue into
-batched transactions, so the broker is never kept waiting on the database.
+paho's network thread only checks topics and sizes and queues; one writer thread gathers
+the queue into batches for the ingest process (`ingest_process.py`), which decodes and
+stores them, and acknowledges each message once its batch is committed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -21,9 +24,15 @@ from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
 from fleet_server.models import DesiredState, utcnow
-from fleet_server.mqtt.ingest import Received, prune, write_batch
+from fleet_server.mqtt.ingest import prune
+from fleet_server.mqtt.ingest_process import (
+    IngestProcess,
+    IngestUnavailable,
+    Outcome,
+    RawMessage,
+)
 from fleet_server.state import DesiredPublisher, FleetState
-from protocol.messages import MAX_PAYLOAD_BYTES, PayloadError, decode_payload, payload_type
+from protocol.messages import MAX_PAYLOAD_BYTES
 from protocol.topics import SPEC, TopicKind
 
 log = logging.getLogger("fleet_server.mqtt")
@@ -32,7 +41,8 @@ BATCH_MAX = 2000
 BATCH_WINDOW_S = 0.05
 QUEUE_MAX = 100_000
 PRUNE_EVERY_S = 3600.0
-WRITE_ATTEMPTS = 3
+# Batches with the ingest process at once: one being written, the next waiting.
+PIPELINE_DEPTH = 2
 # How long the broker keeps the server's session (and queues for it) while it is away.
 SESSION_EXPIRY_S = 7 * 24 * 3600
 
@@ -40,9 +50,10 @@ SESSION_EXPIRY_S = 7 * 24 * 3600
 def _session_properties() -> Properties:
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_S
-    # Acks wait for the batch's commit, so a batch can only be as large as what the broker
-    # lets us hold unacknowledged.
-    properties.ReceiveMaximum = BATCH_MAX
+    # Acks wait for the batch's commit, so what the broker lets us hold unacknowledged
+    # bounds the batches: room for several keeps the queue filling while one is written
+    # (the broker's max_inflight_messages must allow as many).
+    properties.ReceiveMaximum = 4 * BATCH_MAX
     return properties
 
 
@@ -58,10 +69,12 @@ class MqttBridge(DesiredPublisher):
     ) -> None:
         self.state = state
         self.host, self.port = host, port
-        self._queue: queue.Queue[Received] = queue.Queue(maxsize=QUEUE_MAX)
+        self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=QUEUE_MAX)
+        self._ingest = IngestProcess(state.settings.resolved_database_url())
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._logged: set[tuple[str, str]] = set()
+        self.connected_at: float | None = None  # time.monotonic() of the last CONNACK
         # A stable id and a persistent session: what arrives while the server is down is
         # queued by the broker and delivered when it is back. Acks go out only once a
         # message is in the database (manual_ack), so a crash loses nothing either.
@@ -81,6 +94,7 @@ class MqttBridge(DesiredPublisher):
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._ingest.start()
         self._writer.start()
         self._client.connect_async(
             self.host,
@@ -96,6 +110,7 @@ class MqttBridge(DesiredPublisher):
         self._client.loop_stop()
         self._stop.set()
         self._writer.join(timeout)
+        self._ingest.stop(timeout)
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
@@ -103,6 +118,11 @@ class MqttBridge(DesiredPublisher):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def ingest_pid(self) -> int | None:
+        """The ingest process's pid (it is restarted if it dies)."""
+        return self._ingest.pid
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until every queued message is written (for tests and shutdown)."""
@@ -147,6 +167,7 @@ class MqttBridge(DesiredPublisher):
             log.error("MQTT connection refused: %s", reason)
             return
         client.subscribe([(t, 1) for t in self.state.topics.server_subscriptions()])
+        self.connected_at = time.monotonic()
         self._connected.set()
         threading.Thread(target=self._republish_desired, daemon=True).start()
         log.info("MQTT bridge connected to %s:%d", self.host, self.port)
@@ -159,17 +180,18 @@ class MqttBridge(DesiredPublisher):
             log.warning("MQTT bridge disconnected (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        received = self._check(msg)
-        if received is None:
+        raw = self._check(msg)
+        if raw is None:
             client.ack(msg.mid, msg.qos)  # refused for good: redelivering it changes nothing
             return
         try:
-            self._queue.put_nowait(received)
+            self._queue.put_nowait(_Pending(raw, msg.mid, msg.qos))
         except queue.Full:
             # Not acked: the broker keeps it and redelivers once we catch up.
             self.state.metrics.mqtt_messages.labels("all", "queue_full").inc()
 
-    def _check(self, msg: mqtt.MQTTMessage) -> Received | None:
+    def _check(self, msg: mqtt.MQTTMessage) -> RawMessage | None:
+        """What can be refused without parsing; the payload is checked by the ingest process."""
         metrics = self.state.metrics
         try:
             device_id, kind = self.state.topics.parse(msg.topic)
@@ -183,14 +205,7 @@ class MqttBridge(DesiredPublisher):
             metrics.mqtt_invalid.labels(kind.value, "oversized").inc()
             self._log_once(device_id, "oversized", f"{len(msg.payload)} bytes on {msg.topic}")
             return None
-        try:
-            message = decode_payload(payload_type(kind), bytes(msg.payload))
-        except PayloadError as exc:
-            metrics.mqtt_invalid.labels(kind.value, "schema").inc()
-            self._log_once(device_id, f"schema:{kind}", f"{msg.topic}: {exc}")
-            return None
-        metrics.mqtt_messages.labels(kind.value, "accepted").inc()
-        return Received(device_id, message, utcnow(), msg.mid, msg.qos)  # type: ignore[arg-type]
+        return RawMessage(device_id, kind, bytes(msg.payload), time.time())
 
     def _log_once(self, device_id: str, reason: str, text: str) -> None:
         """One line per device and reason: a chatty broken device must not flood the log."""
@@ -200,9 +215,9 @@ class MqttBridge(DesiredPublisher):
 
     # -- the writer thread ----------------------------------------------------------------
 
-    def _next_batch(self) -> list[Received]:
+    def _next_batch(self, wait: bool) -> list[_Pending]:
         try:
-            first = self._queue.get(timeout=0.2)
+            first = self._queue.get(timeout=0.2) if wait else self._queue.get_nowait()
         except queue.Empty:
             return []
         batch = [first]
@@ -221,37 +236,60 @@ class MqttBridge(DesiredPublisher):
 
     def _write_loop(self) -> None:
         last_prune = 0.0
-        while not (self._stop.is_set() and self._queue.empty()):
-            batch = self._next_batch()
+        # Batches handed to the ingest process, oldest first, not yet acknowledged.
+        inflight: deque[list[_Pending]] = deque()
+        while not (self._stop.is_set() and self._queue.empty() and not inflight):
+            batch = self._next_batch(wait=not inflight)
             self.state.metrics.ingest_queue.set(self._queue.qsize())
             if batch:
-                self._write(batch)
+                self._ingest.submit([p.raw for p in batch])
+                inflight.append(batch)
+            # Collect at once what is ready; wait only when the pipeline is full or there
+            # is nothing else to do.
+            while inflight and (
+                len(inflight) >= PIPELINE_DEPTH or not batch or self._ingest.ready()
+            ):
+                outcome = self._collect()
+                if outcome is None:
+                    return  # stopping: unacked, so the broker redelivers to the next server
+                self._finish(inflight.popleft(), outcome)
             if time.monotonic() - last_prune > PRUNE_EVERY_S:
                 last_prune = time.monotonic()
                 self._prune()
 
-    def _write(self, batch: list[Received]) -> None:
-        metrics = self.state.metrics
-        for attempt in range(WRITE_ATTEMPTS):
+    def _collect(self) -> Outcome | None:
+        """The oldest batch's outcome, retried while the ingest process cannot be
+        restarted; None once the bridge stops. Nothing is acked meanwhile, so the broker
+        holds the rest of the stream."""
+        delay = 1.0
+        while True:
             try:
-                with self.state.sessions() as session, session.begin():
-                    result = write_batch(session, batch)
-            except Exception:
-                log.exception("writing %d messages failed (attempt %d)", len(batch), attempt + 1)
-                time.sleep(0.5 * 2**attempt)
-                continue
-            metrics.ingest_batch.observe(len(batch))
-            metrics.mqtt_duplicates.labels("all").inc(result.duplicates)
-            if result.unknown_device:
-                metrics.mqtt_invalid.labels("all", "unknown_device").inc(result.unknown_device)
-            break
-        else:
-            # A database that refuses a batch this often will refuse its redelivery too;
-            # dropping it (counted) keeps the stream moving for everyone else.
-            metrics.mqtt_messages.labels("all", "write_failed").inc(len(batch))
+                return self._ingest.collect()
+            except IngestUnavailable:
+                log.exception("the ingest process is unavailable; retrying in %g s", delay)
+                if self._stop.wait(delay):
+                    return None
+                delay = min(delay * 2, 30.0)
+
+    def _finish(self, batch: list[_Pending], outcome: Outcome) -> None:
+        self._account(outcome, len(batch))
         for item in batch:
             self._client.ack(item.mid, item.qos)
             self._queue.task_done()
+
+    def _account(self, outcome: Outcome, size: int) -> None:
+        metrics = self.state.metrics
+        for kind, count in outcome.accepted.items():
+            metrics.mqtt_messages.labels(kind.value, "accepted").inc(count)
+        for refused in outcome.refused:
+            metrics.mqtt_invalid.labels(refused.kind.value, "schema").inc()
+            self._log_once(refused.device_id, f"schema:{refused.kind}", refused.reason)
+        metrics.ingest_batch.observe(size)
+        metrics.mqtt_duplicates.labels("all").inc(outcome.duplicates)
+        if outcome.unknown_device:
+            metrics.mqtt_invalid.labels("all", "unknown_device").inc(outcome.unknown_device)
+        if outcome.write_failed:
+            metrics.mqtt_messages.labels("all", "write_failed").inc(outcome.write_failed)
 
     def _prune(self) -> None:
         days = self.state.settings.telemetry_retention_days
@@ -263,3 +301,10 @@ class MqttBridge(DesiredPublisher):
                 log.info("pruned %d telemetry rows older than %g days", removed, days)
         except Exception:
             log.exception("telemetry pruning failed")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    raw: RawMessage
+    mid: int  # the MQTT packet id, acked once the message is stored
+    qos: int

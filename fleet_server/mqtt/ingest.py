@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-from sqlalchemy import delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, delete, select, text, update
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from fleet_server.models import (
@@ -21,6 +21,7 @@ from fleet_server.models import (
     UpdateReportRow,
     utcnow,
 )
+from fleet_server.mqtt.bulk import insert_rows
 from protocol.messages import Availability, TelemetryBatch, UpdateReport, UpdateState
 
 Payload = Availability | UpdateReport | TelemetryBatch
@@ -31,8 +32,6 @@ class Received:
     device_id: str
     message: Payload
     received_at: dt.datetime
-    mid: int = 0  # the MQTT packet id, acked once the message is stored
-    qos: int = 0
 
 
 def _when(ts: float) -> dt.datetime:
@@ -53,16 +52,29 @@ def _claim(session: Session, keys: Sequence[tuple[str, str, int]]) -> set[tuple[
     replicas handed the same redelivery store it once between them."""
     if not keys:
         return set()
-    dialect = session.get_bind().dialect.name
-    dialect_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        # Three arrays, not thousands of parameters: the statement stays small to send
+        # and to parse, however large the batch.
+        devices, streams, seqs = (list(column) for column in zip(*keys, strict=True))
+        unnest = text(
+            "INSERT INTO seen_messages (device_id, stream, seq, received_at) "
+            "SELECT d, s, q, :now FROM unnest("
+            "CAST(:devices AS VARCHAR[]), CAST(:streams AS VARCHAR[]), CAST(:seqs AS BIGINT[])"
+            ") AS k(d, s, q) "
+            "ON CONFLICT DO NOTHING RETURNING device_id, stream, seq"
+        )
+        params = {"now": now, "devices": devices, "streams": streams, "seqs": seqs}
+        return {(r[0], r[1], r[2]) for r in session.execute(unnest, params)}
+    table = cast(Table, SeenMessage.__table__)
+    seen = table.c
     stmt = (
-        dialect_insert(SeenMessage)
+        sqlite.insert(table)  # Core, not ORM: no ORM loading of what returns
         .on_conflict_do_nothing()
-        .returning(SeenMessage.device_id, SeenMessage.stream, SeenMessage.seq)
+        .returning(seen.device_id, seen.stream, seen.seq)
     )
     rows = [{"device_id": d, "stream": s, "seq": q, "received_at": now} for d, s, q in keys]
-    return {tuple(r) for r in session.execute(stmt, rows)}  # type: ignore[misc]
+    return {(r[0], r[1], r[2]) for r in session.execute(stmt, rows)}
 
 
 @dataclass
@@ -111,7 +123,7 @@ def write_batch(session: Session, items: Sequence[Received]) -> BatchResult:
         _collect(rows, item)
         result.stored += 1
     for table, table_rows in rows.tables.items():
-        session.execute(insert(table), table_rows)
+        insert_rows(session, table.__table__, table_rows)  # type: ignore[attr-defined]
     for device_id, values in rows.devices.items():
         session.execute(update(Device).where(Device.id == device_id).values(**values))
     return result
@@ -159,7 +171,9 @@ def _telemetry_rows(device_id: str, batch: TelemetryBatch) -> Iterable[tuple[typ
         (ShadowRow, batch.shadow),
     ):
         for sample in samples:
-            row = {f.name: getattr(sample, f.name) for f in fields(sample)}
+            # A frozen dataclass's __dict__ holds its fields, in order: copying it is a
+            # fraction of the cost of a getattr per field.
+            row = dict(vars(sample))
             row["ts"] = _when(sample.ts)
             row["device_id"] = device_id
             if "class_counts" in row:

@@ -32,18 +32,36 @@ def figures() -> ingest.IngestFigures:
     )
 
 
-def _row(figures: ingest.IngestFigures, label: str) -> ingest.Row:
-    return next(r for r in figures.rows if r.label == label)
+def _row(figures: ingest.IngestFigures, label: str, mode: str = ingest.LIVE) -> ingest.Row:
+    return next(r for r in figures.rows if r.label == label and r.mode == mode)
 
 
-def test_every_message_is_counted_once(figures: ingest.IngestFigures) -> None:
-    assert [r.label for r in figures.rows] == [ingest.BARE, ingest.SQLITE]
+def test_every_message_is_counted_once_live_and_from_a_backlog(
+    figures: ingest.IngestFigures,
+) -> None:
+    assert [(r.label, r.mode) for r in figures.rows] == [
+        (ingest.BARE, ingest.LIVE),
+        (ingest.BARE, ingest.BACKLOG),
+        (ingest.SQLITE, ingest.LIVE),
+        (ingest.SQLITE, ingest.BACKLOG),
+    ]
     assert (figures.devices, figures.per_device, figures.publishers) == (DEVICES, PER_DEVICE, 2)
     for row in figures.rows:
         assert (row.sent, row.stored, row.lost) == (DEVICES * PER_DEVICE,) * 2 + (0,)
         assert row.broker_dropping == 0
         assert row.seconds > 0
     assert figures.postgres_note == "not asked for"
+
+
+def test_the_backlog_reaches_the_restarted_server(figures: ingest.IngestFigures) -> None:
+    # Everything was published while the server was stopped: all of it came from the
+    # broker's queue for the server's persistent session, in batches.
+    row = _row(figures, ingest.SQLITE, ingest.BACKLOG)
+    assert row.stored == DEVICES * PER_DEVICE
+    assert row.mean_batch is not None
+    assert row.mean_batch >= 1
+    assert row.resent is None
+    assert row.queue_full == 0
 
 
 def test_resent_messages_are_dropped_not_stored(figures: ingest.IngestFigures) -> None:
@@ -60,10 +78,14 @@ def test_markdown_reports_the_counts(figures: ingest.IngestFigures) -> None:
     lines = ingest.markdown(figures)
     assert lines[0] == "## Telemetry ingest: server vs a bare MQTT subscriber"
     sent = DEVICES * PER_DEVICE
-    assert any(line.startswith(f"| {ingest.BARE} | {sent} | {sent} | 0 |") for line in lines)
-    sqlite = next(line for line in lines if line.startswith(f"| {ingest.SQLITE} |"))
-    assert sqlite.startswith(f"| {ingest.SQLITE} | {sent} | {sent} | 0 |")
+    for mode in ingest.MODES:
+        bare = f"| {ingest.BARE} | {mode} | {sent} | {sent} | 0 |"
+        assert any(line.startswith(bare) for line in lines)
+    sqlite = next(line for line in lines if line.startswith(f"| {ingest.SQLITE} | live |"))
+    assert sqlite.startswith(f"| {ingest.SQLITE} | live | {sent} | {sent} | 0 |")
     assert sqlite.endswith(f"| {RESEND} ({RESEND}) | {RESEND} | 0 |")
+    backlog = next(line for line in lines if line.startswith(f"| {ingest.SQLITE} | backlog |"))
+    assert backlog.endswith("| - | - | - |")
     assert f"- {ingest.POSTGRES}: PostgreSQL was not asked for — not measured" in lines
     assert any(
         line.startswith(f"- {ingest.SQLITE}, resent messages:") and line.endswith("— met")
@@ -74,8 +96,9 @@ def test_markdown_reports_the_counts(figures: ingest.IngestFigures) -> None:
 def test_markdown_says_missed_for_losses_and_duplicates(figures: ingest.IngestFigures) -> None:
     row = _row(figures, ingest.SQLITE)
     bad = dataclasses.replace(row, stored=row.sent - 5, stored_twice=2, broker_dropping=1)
-    lines = ingest.markdown(dataclasses.replace(figures, rows=[figures.bare, bad]))
-    target = next(line for line in lines if line.startswith(f"- {ingest.SQLITE}: "))
+    bare = [figures.bare(mode) for mode in ingest.MODES]
+    lines = ingest.markdown(dataclasses.replace(figures, rows=[*bare, bad]))
+    target = next(line for line in lines if line.startswith(f"- {ingest.SQLITE}, live: "))
     assert target.endswith("5 of 300 lost — MISSED")
     dedupe = next(line for line in lines if line.startswith(f"- {ingest.SQLITE}, resent"))
     assert dedupe.endswith("2 stored twice — MISSED")

@@ -563,3 +563,42 @@ def test_the_protocol_imports_nothing_a_device_does_not_have() -> None:
     forbidden = {"pydantic", "paho", "fastapi", "starlette", "sqlalchemy", "tensorflow", "keras"}
     assert "protocol" in out
     assert forbidden.isdisjoint(out)
+
+
+# --- telemetry's fast path refuses what the careful path refuses, with its words ----------
+
+
+def _telemetry_text() -> str:
+    return encode_payload(TELEMETRY).decode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (_telemetry_text().replace('"cpu_percent":', '"cpu_percent":1e999,"x":', 1), "1e999"),
+        (
+            _telemetry_text().replace('"seq":3051', '"seq":3051,"seq":3052', 1),
+            "duplicate key 'seq'",
+        ),
+        (
+            _telemetry_text().replace('"errors":', '"errors":9223372036854775808,"y":', 1),
+            "out of the 64-bit range",
+        ),
+        (
+            _telemetry_text().replace('"agent_version":"', '"agent_version":"\\ud800', 1),
+            "unpaired UTF-16 surrogate",
+        ),
+        (_telemetry_text().replace('"dropped":2', '"dropped":NaN', 1), "NaN is not allowed"),
+    ],
+)
+def test_telemetry_is_refused_as_the_careful_path_says(raw: str, message: str) -> None:
+    with pytest.raises(PayloadError, match=message):
+        decode_payload(TelemetryBatch, raw.encode("utf-8"))
+
+
+def test_telemetry_with_escapes_decodes_and_other_encodings_do_not() -> None:
+    escaped = _telemetry_text().replace('"agent_version":"', '"agent_version":"\\u00e9', 1)
+    decoded = decode_payload(TelemetryBatch, escaped.encode("utf-8"))
+    assert decoded.health[0].agent_version == "é" + HEALTH.agent_version
+    with pytest.raises(PayloadError, match="not UTF-8"):
+        decode_payload(TelemetryBatch, _telemetry_text().encode("utf-16"))

@@ -3,6 +3,8 @@ that enrolled through the API and connect with the credentials it gave them."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -236,3 +238,21 @@ def test_another_devices_topics_and_a_revoked_credential_are_refused(
     assert not watcher.got_message.wait(1.0), watcher.received[0].payload
     watcher.close()
     theirs.close()
+
+
+def test_a_killed_ingest_process_is_replaced_and_nothing_is_lost(fleet: Fleet) -> None:
+    device = fleet.device()
+    topic = TOPICS.telemetry(device.device_id)
+    now = time.time()
+    first_pid = fleet.bridge.ingest_pid
+    assert first_pid is not None
+    for seq in range(1, 101):
+        device.publish(topic, telemetry(seq, now))
+    os.kill(first_pid, signal.SIGKILL)  # while those are on their way or being written
+    for seq in range(101, 201):
+        device.publish(topic, telemetry(seq, now))
+    assert eventually(lambda: fleet.db_count(HealthRow) == 200, timeout=3 * WAIT)
+    assert fleet.bridge.drain()
+    assert fleet.db_count(HealthRow) == 200  # each once, though a batch may have gone twice
+    assert fleet.bridge.ingest_pid not in (None, first_pid)
+    device.close()

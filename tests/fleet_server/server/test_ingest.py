@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from typing import cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, insert, select
 
 from fleet_server.db import transaction
-from fleet_server.models import HealthRow, SeenMessage
+from fleet_server.models import HealthRow, InferenceRow, SeenMessage
+from fleet_server.mqtt.bulk import insert_rows
 from fleet_server.mqtt.ingest import Received, prune, write_batch
 from protocol.messages import HealthSample, TelemetryBatch
 from tests.fleet_server.server.conftest import Server
@@ -57,3 +59,40 @@ def test_prune_drops_what_is_past_retention(server: Server) -> None:
     assert removed == 1
     assert _count(server, HealthRow) == 1
     assert _count(server, SeenMessage) == 2  # dedupe keys age by arrival, not by sample time
+
+
+def test_bulk_rows_read_back_as_if_the_orm_had_written_them(server: Server) -> None:
+    # insert_rows bypasses SQLAlchemy's executemany (COPY on PostgreSQL, the driver's own
+    # executemany on SQLite) but applies each column type's conversions itself.
+    row = {
+        "device_id": "bulk",
+        "ts": dt.datetime.fromtimestamp(time.time(), dt.UTC),
+        "model_name": "digits",
+        "model_version": "1.0.0",
+        "window_s": 60.0,
+        "count": 10,
+        "errors": 1,
+        "latency_p50_ms": 0.25,
+        "latency_p95_ms": 0.5,
+        "latency_p99_ms": 1.5e-3,
+        "mean_confidence": None,
+        "class_counts": [0, 0, 9],
+        "nan_outputs": 0,
+        "drift_score": 0.125,
+    }
+    table = cast(Table, InferenceRow.__table__)
+    with transaction(server.state.sessions) as session:
+        insert_rows(session, table, [row])
+        session.execute(insert(table), [{**row, "device_id": "orm"}])
+    with transaction(server.state.sessions) as session:
+        bulk, orm = (
+            session.scalars(select(InferenceRow).where(InferenceRow.device_id == d)).one()
+            for d in ("bulk", "orm")
+        )
+        columns = [c.key for c in table.columns if c.key not in ("id", "device_id")]
+        assert [getattr(bulk, c) for c in columns] == [getattr(orm, c) for c in columns]
+        assert (bulk.class_counts, bulk.latency_p99_ms, bulk.mean_confidence) == (
+            [0, 0, 9],
+            1.5e-3,
+            None,
+        )
