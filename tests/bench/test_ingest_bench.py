@@ -29,6 +29,7 @@ def figures() -> ingest.IngestFigures:
         resend=RESEND,
         publishers=2,
         postgres=False,
+        repeats=2,
     )
 
 
@@ -46,7 +47,10 @@ def test_every_message_is_counted_once_live_and_from_a_backlog(
         (ingest.SQLITE, ingest.BACKLOG),
     ]
     assert (figures.devices, figures.per_device, figures.publishers) == (DEVICES, PER_DEVICE, 2)
+    assert figures.repeats == 2
     for row in figures.rows:
+        assert len(row.run_rates) == 2
+        assert row.rate in row.run_rates
         assert (row.sent, row.stored, row.lost) == (DEVICES * PER_DEVICE,) * 2 + (0,)
         assert row.broker_dropping == 0
         assert row.seconds > 0
@@ -103,3 +107,17 @@ def test_markdown_says_missed_for_losses_and_duplicates(figures: ingest.IngestFi
     dedupe = next(line for line in lines if line.startswith(f"- {ingest.SQLITE}, resent"))
     assert dedupe.endswith("2 stored twice — MISSED")
     assert any("began discarding messages" in line for line in lines)
+
+
+def test_a_row_reports_the_median_run_unless_one_lost_something(
+    figures: ingest.IngestFigures,
+) -> None:
+    row = _row(figures, ingest.SQLITE)
+    slow, mid, fast = (dataclasses.replace(row, seconds=s) for s in (3.0, 2.0, 1.0))
+    chosen = ingest.representative([fast, slow, mid])
+    assert chosen.seconds == 2.0
+    assert chosen.run_rates == (fast.rate, slow.rate, mid.rate)
+    lossy = dataclasses.replace(fast, stored=row.sent - 1)
+    doubled = dataclasses.replace(mid, stored_twice=1)
+    assert ingest.representative([slow, lossy, doubled]).lost == 1
+    assert ingest.representative([slow, doubled]).stored_twice == 1
