@@ -18,8 +18,8 @@ from fleet_server.services.tokens import create_api_token, create_enrollment_tok
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
 from protocol.signing import generate_keypair
+from tests.bundles import Bundle, convert
 from tests.fleet_server.harness import create_database, drop_database
-from tests.toolchain.cli_helpers import run_cli
 
 POSTGRES_ENV = "EDGEFLEET_TEST_POSTGRES_URL"
 
@@ -75,39 +75,10 @@ def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
         yield Server(client, app.state.fleet, settings)
 
 
-@dataclass(frozen=True)
-class Bundle:
-    folder: Path
-    public_key: Path
-    private_key: Path
-
-    def files(self) -> dict[str, tuple[str, bytes]]:
-        return {
-            "manifest": ("manifest.json", (self.folder / "manifest.json").read_bytes()),
-            "model": ("model.tflite", (self.folder / "model.tflite").read_bytes()),
-        }
-
-
 @pytest.fixture(scope="session")
 def bundle(reference_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     """A real bundle, converted and signed by edge-convert."""
     root = tmp_path_factory.mktemp("bundle")
     private, public = generate_keypair(root / "keys")
-    folder = reference_models["tabular"]
-    out = root / "tabular"
-    result = run_cli(
-        "convert",
-        folder / "model.keras",
-        "--out",
-        out,
-        "--name",
-        "tabular",
-        "--version",
-        "1.0.0",
-        "--signing-key",
-        private,
-        "--runs",
-        "5",
-    )
-    assert result.exit_code == 0, result.stderr
-    return Bundle(out, public, private)
+    tabular = reference_models["tabular"]
+    return convert(tabular, root / "tabular", "tabular", "1.0.0", private, public)

@@ -12,7 +12,8 @@ from fleet_server.auth import Role, secret_hash
 from fleet_server.db import transaction
 from fleet_server.models import AuditEvent, EnrollmentToken, ModelVersion
 from protocol.manifest import parse_manifest
-from tests.fleet_server.server.conftest import Bundle, Server
+from tests.bundles import Bundle
+from tests.fleet_server.server.conftest import Server
 
 # -- authentication and roles --------------------------------------------------------------
 

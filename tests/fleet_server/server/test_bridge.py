@@ -31,10 +31,11 @@ from protocol.messages import (
 )
 from protocol.signing import load_public_key, verify_signature
 from protocol.topics import Topics
+from tests.bundles import Bundle
 from tests.fleet_server.conftest import RunningBroker
 from tests.fleet_server.device_client import WAIT, DeviceClient
 from tests.fleet_server.harness import connected_server
-from tests.fleet_server.server.conftest import Bundle, Server
+from tests.fleet_server.server.conftest import Server
 
 TOPICS = Topics()
 

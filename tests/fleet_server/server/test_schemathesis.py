@@ -20,7 +20,8 @@ from fleet_server.auth import Role
 from fleet_server.db import transaction
 from fleet_server.services.tokens import create_api_token
 from fleet_server.settings import Settings
-from tests.fleet_server.server.conftest import Bundle, Server
+from tests.bundles import Bundle
+from tests.fleet_server.server.conftest import Server
 
 ADMIN: dict[str, str] = {}
 EXAMPLES = 40

@@ -1,0 +1,45 @@
+"""Real digits bundles for the agent's tests: one publisher key, three versions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from protocol.signing import generate_keypair
+from tests.bundles import Bundle, convert
+
+
+@dataclass(frozen=True)
+class DigitsBundles:
+    v1: Bundle  # 1.0.0, float32
+    v2: Bundle  # 2.0.0, full int8 (quantized inputs and outputs)
+    eval_npz: Path  # held-out inputs `x` and labels `y`
+    labels: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def digits(
+    reference_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> DigitsBundles:
+    root = tmp_path_factory.mktemp("digits-bundles")
+    private, public = generate_keypair(root / "keys")
+    folder = reference_models["digits"]
+    data = ("--calibration", folder / "calibration.npz", "--eval", folder / "eval.npz")
+    labels = ("--labels", folder / "labels.txt")
+    v1 = convert(folder, root / "v1", "digits", "1.0.0", private, public, *labels, *data)
+    v2 = convert(
+        folder,
+        root / "v2",
+        "digits",
+        "2.0.0",
+        private,
+        public,
+        "--quantize",
+        "int8",
+        *labels,
+        *data,
+    )
+    names = tuple((folder / "labels.txt").read_text().split())
+    return DigitsBundles(v1, v2, folder / "eval.npz", names)
