@@ -68,3 +68,17 @@ def reference_models(
         root = Path(cache.mkdir("edgefleet-models"))
     folder = cached_models(root)
     return {path.name: path for path in sorted(folder.iterdir()) if path.is_dir()}
+
+
+@pytest.fixture(scope="session")
+def mosquitto_executable() -> str:
+    from tests.fleet_server.mosquitto import find_mosquitto
+
+    executable = find_mosquitto()
+    if executable is None:
+        pytest.fail(
+            "the mosquitto broker is not installed; `make test` installs it "
+            "(apt-get install mosquitto mosquitto-clients)",
+            pytrace=False,
+        )
+    return executable

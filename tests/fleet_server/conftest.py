@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleet_server.broker import BrokerAdmin, BrokerCredentials, write_broker_config
-from tests.fleet_server.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
+from tests.fleet_server.mosquitto import Mosquitto, MosquittoError, free_port
 
 # free_port() cannot reserve the port; on a busy machine someone may take it first.
 _PORT_ATTEMPTS = 3
@@ -26,18 +26,6 @@ class RunningBroker:
     credentials: BrokerCredentials
     config_dir: Path
     process: Mosquitto
-
-
-@pytest.fixture(scope="session")
-def mosquitto_executable() -> str:
-    executable = find_mosquitto()
-    if executable is None:
-        pytest.fail(
-            "the mosquitto broker is not installed; `make test` installs it "
-            "(apt-get install mosquitto mosquitto-clients)",
-            pytrace=False,
-        )
-    return executable
 
 
 @pytest.fixture

@@ -1,0 +1,238 @@
+"""The composition root: start the parts in order, stop them in reverse.
+
+Also the in-process API for applications that embed the agent:
+
+    agent = Agent(load_config(state_dir))
+    agent.start()
+    prediction = agent.predictor.predict(image)
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentConfig
+from edge_agent.files import write_atomic
+from edge_agent.health import HealthMonitor
+from edge_agent.link import Link
+from edge_agent.local_api import LocalApi
+from edge_agent.model import LoadedModel, load_model
+from edge_agent.outbox import Outbox
+from edge_agent.serving import Predictor
+from edge_agent.status import OUTBOX_FILE
+from edge_agent.telemetry import TelemetryCollector
+from edge_agent.update.machine import UpdateMachine
+from protocol.messages import (
+    MESSAGE_SCHEMA_VERSION,
+    DesiredState,
+    PayloadError,
+    TelemetryBatch,
+    UpdateReport,
+    UpdateState,
+    decode_payload,
+    encode_payload,
+)
+from protocol.signing import verify_model_file
+from protocol.topics import Topics
+
+log = logging.getLogger("edge_agent")
+
+COUNTERS_FILE = "counters.json"
+
+
+def agent_version() -> str:
+    try:
+        return importlib.metadata.version("edgefleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, local_model: Path | None = None) -> None:
+        self.config = config
+        settings = config.settings
+        state_dir = config.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.version = agent_version()
+        self.topics = Topics(settings.topic_prefix)
+        self.telemetry = TelemetryCollector()
+        self.predictor = Predictor(self.telemetry)
+        self.health = HealthMonitor(self.version, state_dir)
+        self.outbox = Outbox(state_dir / OUTBOX_FILE, settings.outbox_max_items)
+        self._local_model = local_model
+        self._counters_path = state_dir / COUNTERS_FILE
+        self._stop = threading.Event()
+        self._telemetry_thread = threading.Thread(
+            target=self._telemetry_loop, name="telemetry", daemon=True
+        )
+        credentials = config.credentials
+        self.link: Link | None = None
+        self.machine: UpdateMachine | None = None
+        if local_model is None:
+            auth = (credentials.device_id, credentials.secret) if credentials else None
+            self.machine = UpdateMachine(
+                state_dir,
+                self.predictor,
+                config.keys,
+                auth,
+                settings.max_artifact_bytes,
+                self._queue_report,
+                self._load,
+            )
+        address = config.mqtt_address
+        if credentials is not None and address is not None and local_model is None:
+            self.link = Link(
+                device_id=credentials.device_id,
+                secret=credentials.secret,
+                host=address[0],
+                port=address[1],
+                topics=self.topics,
+                outbox=self.outbox,
+                on_desired=self._on_desired,
+                agent_version=self.version,
+                keepalive=settings.keepalive_s,
+            )
+        self.api = LocalApi(
+            self.predictor, host=settings.api_host, port=settings.api_port, health=self.status
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._local_model is not None:
+            self.predictor.activate(self._load_local(self._local_model))
+        elif self.machine is not None:
+            self.machine.boot()  # serves the current model before anything else starts
+        self.api.start()
+        if self.link is not None:
+            self.link.start()
+        if self.machine is not None:
+            self.machine.start()
+        self._telemetry_thread.start()
+        log.info(
+            "edge-agent %s serving on %s:%d",
+            self.version,
+            self.config.settings.api_host,
+            self.api.port,
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.machine is not None:
+            self.machine.stop()
+        self._telemetry_thread.join(5.0)
+        if self.link is not None:
+            self.link.stop()
+        self.api.stop()
+        self.outbox.close()
+
+    def status(self) -> dict[str, Any]:
+        record = self.machine.record if self.machine is not None else None
+        return {
+            "agent_version": self.version,
+            "device_id": self.config.credentials.device_id if self.config.credentials else None,
+            "connected": self.link.connected if self.link is not None else False,
+            "update": {
+                "state": record.state.value,
+                "desired_seq": record.seq,
+                "reason": record.reason,
+            }
+            if record is not None
+            else None,
+            "outbox": len(self.outbox),
+            "telemetry": self.telemetry.summary(),
+        }
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def _load(self, folder: Path) -> LoadedModel:
+        settings = self.config.settings
+        return load_model(folder, threads=settings.threads, runtime=settings.runtime)
+
+    def _load_local(self, folder: Path) -> LoadedModel:
+        model = self._load(folder)
+        verify_model_file(model.manifest, folder / model.manifest.model.path)
+        return model
+
+    def _on_desired(self, payload: bytes) -> None:
+        assert self.machine is not None
+        try:
+            desired = decode_payload(DesiredState, payload)
+        except PayloadError as exc:
+            log.error("refused a desired state: %s", exc)
+            self._queue_report(self._rejection(str(exc)))
+            return
+        self.machine.offer(desired)
+
+    def _rejection(self, reason: str) -> UpdateReport:
+        active = self.predictor.active
+        return UpdateReport(
+            schema_version=MESSAGE_SCHEMA_VERSION,
+            msg_id=self.machine.next_msg_id() if self.machine else 1,
+            ts=time.time(),
+            deployment_id=None,
+            desired_seq=0,
+            state=UpdateState.REJECTED,
+            model_name=active.name if active else None,
+            model_version=active.version if active else None,
+            reason=reason,
+            detail=None,
+        )
+
+    def _queue_report(self, report: UpdateReport) -> None:
+        device = self._device_id()
+        if device is None:
+            return  # no fleet to tell
+        self.outbox.put(self.topics.reports(device), encode_payload(report), droppable=False)
+        if self.link is not None:
+            self.link.wake()
+
+    def _telemetry_loop(self) -> None:
+        interval = self.config.settings.telemetry_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self._queue_telemetry()
+            except Exception:
+                log.exception("telemetry could not be queued")
+
+    def _queue_telemetry(self) -> None:
+        device = self._device_id()
+        now = time.time()
+        inference, accuracy, shadow = self.telemetry.flush(now)
+        health = self.health.sample(now)
+        if device is None:
+            return
+        batch = TelemetryBatch(
+            schema_version=MESSAGE_SCHEMA_VERSION,
+            seq=self._next_counter("telemetry_seq"),
+            sent_at=now,
+            dropped=self.outbox.take_dropped(),
+            health=(health,),
+            inference=inference,
+            accuracy=accuracy,
+            shadow=shadow,
+        )
+        self.outbox.put(self.topics.telemetry(device), encode_payload(batch))
+        if self.link is not None:
+            self.link.wake()
+
+    def _device_id(self) -> str | None:
+        credentials = self.config.credentials
+        return credentials.device_id if credentials else None
+
+    def _next_counter(self, name: str) -> int:
+        """A per-device counter kept across restarts; a fresh one starts at the current
+        time in milliseconds, so it never reuses numbers the server has seen."""
+        counters: dict[str, int] = {}
+        if self._counters_path.exists():
+            counters = json.loads(self._counters_path.read_text(encoding="utf-8"))
+        value = counters.get(name, int(time.time() * 1000)) + 1
+        counters[name] = value
+        write_atomic(self._counters_path, json.dumps(counters).encode("utf-8"))
+        return value

@@ -1,0 +1,392 @@
+"""Drives a desired state through the transition table, saving where it is before each step.
+
+The record (`update.json`) is written atomically before a step's side effects begin, so
+after a power cut at any point the agent knows which step was under way and runs it again
+(every step can be repeated) or, past MAX_ATTEMPTS, gives up into `failed` or a rollback:
+a crash loop cannot brick the device. Every transition is reported, and every desired
+state ends in a terminal report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from edge_agent.files import write_atomic
+from edge_agent.model import LoadedModel
+from edge_agent.serving import Predictor
+from edge_agent.slots import MANIFEST, Slots
+from edge_agent.update.states import RESTING, Event, next_state
+from edge_agent.update.steps import (
+    Refused,
+    Running,
+    StepError,
+    check_desired,
+    download,
+    load_error,
+    self_test,
+    verify,
+)
+from protocol.manifest import manifest_to_json
+from protocol.messages import (
+    MESSAGE_SCHEMA_VERSION,
+    DesiredState,
+    UpdateReport,
+    UpdateState,
+)
+from protocol.schema import decode, encode
+from protocol.signing import TrustedKey
+
+log = logging.getLogger("edge_agent.update")
+
+RECORD_FILE = "update.json"
+MAX_ATTEMPTS = 3
+# Fault injection for the crash tests: "<state>:before" kills the agent right after it
+# saved `state` (before the step runs), "<state>:after" once the step is done (before the
+# next state is saved). SIGKILL, as a power cut: no cleanup runs.
+FAULT_ENV = "EDGE_AGENT_FAULT"
+
+S = UpdateState
+
+
+@dataclass(frozen=True)
+class Record:
+    state: UpdateState = S.IDLE
+    desired: dict[str, Any] | None = None  # the desired state being handled, as received
+    seq: int = 0  # the highest desired-state seq taken up
+    attempts: int = 0  # starts of the current step; reset on each transition
+    previous_slot: str | None = None  # what served before the switch: the rollback target
+    candidate_slot: str | None = None
+    reason: str | None = None
+    msg_id: int = 0  # the last report's msg_id
+
+
+def load_record(path: Path) -> Record:
+    if not path.exists():
+        return Record()
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["state"] = UpdateState(data["state"])
+    return Record(**data)
+
+
+def save_record(path: Path, record: Record) -> None:
+    data = asdict(record)
+    data["state"] = record.state.value
+    write_atomic(path, json.dumps(data, sort_keys=True).encode("utf-8"))
+
+
+Reporter = Callable[[UpdateReport], None]
+Loader = Callable[[Path], LoadedModel]
+
+
+class UpdateMachine:
+    def __init__(
+        self,
+        state_dir: Path,
+        predictor: Predictor,
+        keys: tuple[TrustedKey, ...],
+        auth: tuple[str, str] | None,
+        max_bytes: int,
+        report: Reporter,
+        load: Loader,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.slots = Slots(state_dir / "models")
+        self._downloads = state_dir / "downloads"
+        self._record_path = state_dir / RECORD_FILE
+        self.record = load_record(self._record_path)
+        self._predictor = predictor
+        self._keys = keys
+        self._auth = auth
+        self._max_bytes = max_bytes
+        self._report = report
+        self._load = load
+        self._clock = clock
+        self._candidate: LoadedModel | None = None
+        self._offers: queue.Queue[DesiredState | None] = queue.Queue()
+        self._lock = threading.Lock()  # one desired state at a time
+        self._record_lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        fault = os.environ.get(FAULT_ENV, "")
+        self._fault = tuple(fault.split(":", 1)) if ":" in fault else None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Serve what `current` points at, then finish (or undo) an interrupted update."""
+        self.slots.discard_leftovers()
+        self._serve_current()
+        if self.record.state not in RESTING:
+            record = replace(self.record, attempts=self.record.attempts + 1)
+            self._save(record)
+            log.warning("resuming an interrupted update at %s", record.state.value)
+            self._drive()
+        elif self.record.state is S.SHADOW and self.record.candidate_slot:
+            self._start_shadow(self.record.candidate_slot)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._worker, name="updates", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._offers.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def offer(self, desired: DesiredState) -> None:
+        """A desired state from the fleet (any thread); handled in order on the worker."""
+        self._offers.put(desired)
+
+    def apply(self, desired: DesiredState) -> UpdateState:
+        """Handle one desired state to its end, on the caller's thread."""
+        with self._lock:
+            if desired.seq <= self.record.seq:
+                return self.record.state  # handled already (a retained message seen again)
+            with self._record_lock:
+                fresh = Record(state=S.IDLE, desired=encode(desired), seq=desired.seq)
+                self._save(replace(fresh, msg_id=self.record.msg_id))
+            self._drive()
+            return self.record.state
+
+    def _worker(self) -> None:
+        while (desired := self._offers.get()) is not None:
+            # Only the latest matters: a newer desired state supersedes queued ones.
+            while not self._offers.empty():
+                newer = self._offers.get_nowait()
+                if newer is None:
+                    return
+                desired = newer
+            try:
+                self.apply(desired)
+            except Exception:
+                log.exception("handling desired state %d failed", desired.seq)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _drive(self) -> None:
+        """Run steps until the machine rests. The record already holds the state to run."""
+        assert self.record.desired is not None
+        desired = decode(DesiredState, self.record.desired)
+        while True:
+            state = self.record.state
+            reason: str | None
+            if self.record.attempts > MAX_ATTEMPTS:
+                event, reason = Event.FAILED, f"{state.value} was interrupted {MAX_ATTEMPTS} times"
+            else:
+                self._maybe_fault(state, "before")
+                event, reason = self._step(state, desired)
+                self._maybe_fault(state, "after")
+            following = next_state(state, event)
+            if reason is None and following in (S.ROLLED_BACK, S.FAILED):
+                reason = self.record.reason  # the failure that started the rollback
+            self._update(state=following, attempts=0, reason=reason)
+            self._send_report(desired, following, reason)
+            if following in RESTING:
+                self._cleanup_downloads()
+                return
+
+    def _step(self, state: UpdateState, desired: DesiredState) -> tuple[Event, str | None]:
+        try:
+            return self._run_step(state, desired), None
+        except Refused as exc:
+            return Event.REFUSED, str(exc)
+        except StepError as exc:
+            return Event.FAILED, str(exc)
+        except Exception as exc:  # a bug must still end in a terminal report
+            log.exception("update step %s failed", state.value)
+            return Event.FAILED, str(load_error(exc))
+
+    def _run_step(self, state: UpdateState, desired: DesiredState) -> Event:
+        target = desired.model
+        if state is S.IDLE:
+            return self._check(desired)
+        if state is S.ROLLING_BACK:
+            return self._roll_back()
+        if target is None:  # only switching (to no model) is left for an unload
+            self._switch_to(None)
+            return Event.SWITCHED
+        manifest = target.signed_manifest().manifest
+        download_path = self._downloads / f"{target.sha256}.tflite"
+        if state is S.DOWNLOADING:
+            if self._auth is None:
+                raise StepError("this agent is not enrolled: no credentials to download with")
+            self._downloads.mkdir(parents=True, exist_ok=True)
+            download(target, download_path, self._auth, self._max_bytes)
+            return Event.DOWNLOADED
+        if state is S.VERIFYING:
+            try:
+                verify(manifest, download_path)
+            except StepError:
+                download_path.unlink(missing_ok=True)  # a retry downloads afresh
+                raise
+            return Event.VERIFIED
+        if state is S.INSTALLING:
+            slot = self.slots.inactive_name()
+            self._update(candidate_slot=slot)
+            manifest_json = manifest_to_json(target.signed_manifest())
+            self.slots.install(slot, download_path, manifest.model.path, manifest_json)
+            return Event.INSTALLED
+        if state is S.SELF_TESTING:
+            candidate = self._load_slot(self._candidate_slot())
+            self_test(candidate)
+            self._candidate = candidate
+            if desired.mode == "shadow":
+                self._predictor.set_shadow(candidate)
+                return Event.SHADOWING
+            return Event.PASSED
+        if state is S.SWITCHING:
+            self._switch_to(self._candidate_slot())
+            return Event.SWITCHED
+        raise StepError(f"nothing to do in state {state.value}")
+
+    # -- steps that touch serving ---------------------------------------------------------
+
+    def _check(self, desired: DesiredState) -> Event:
+        running = self._running()
+        check_desired(desired, running, self._keys, self._clock())
+        if desired.model is None:
+            return Event.UNLOAD if self._predictor.active is not None else Event.ALREADY_RUNNING
+        if running is not None and running.sha256 == desired.model.sha256:
+            self._predictor.set_shadow(None)
+            return Event.ALREADY_RUNNING
+        inactive = self.slots.inactive_name()
+        if desired.mode == "active" and self._slot_sha256(inactive) == desired.model.sha256:
+            self._update(candidate_slot=inactive)
+            return Event.ALREADY_INSTALLED  # the shadow candidate, promoted
+        self._predictor.set_shadow(None)
+        return Event.DESIRED
+
+    def _switch_to(self, slot: str | None) -> None:
+        current = self.slots.current_name()
+        if current != slot and self.record.previous_slot is None:
+            # Saved before the link moves: after a crash in between, a rollback knows where.
+            self._update(previous_slot=current)
+        model = None
+        if slot is not None:
+            candidate = self._candidate
+            fresh = candidate is None or candidate.folder != self.slots.path(slot)
+            model = self._load_slot(slot) if fresh or candidate is None else candidate
+            _warm(model)  # the first real request must not pay for the first invoke
+        self.slots.point_current(slot)
+        self._predictor.set_shadow(None)
+        self._predictor.activate(model)
+        self._candidate = None
+
+    def _roll_back(self) -> Event:
+        previous = self.record.previous_slot
+        model = None
+        if previous is not None:
+            try:
+                model = self._load_slot(previous)
+            except StepError as exc:
+                raise StepError(f"rollback failed, nothing serves: {exc}") from None
+        self.slots.point_current(previous)
+        self._predictor.set_shadow(None)
+        self._predictor.activate(model)
+        return Event.ROLLED_BACK
+
+    def _serve_current(self) -> None:
+        current = self.slots.current_name()
+        if current is None:
+            return
+        try:
+            self._predictor.activate(self._load_slot(current))
+        except StepError as exc:
+            # Only a bug or a failing disk gets here: the slot passed its self-test.
+            log.error("the current model does not load: %s", exc)
+
+    def _start_shadow(self, slot: str) -> None:
+        try:
+            self._predictor.set_shadow(self._load_slot(slot))
+        except StepError as exc:
+            log.error("the shadow candidate does not load: %s", exc)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _running(self) -> Running | None:
+        active = self._predictor.active
+        if active is None:
+            return None
+        return Running(active.name, active.version, active.manifest.model.sha256)
+
+    def _candidate_slot(self) -> str:
+        if self.record.candidate_slot is None:
+            raise StepError("no candidate slot was recorded")
+        return self.record.candidate_slot
+
+    def _load_slot(self, slot: str) -> LoadedModel:
+        try:
+            return self._load(self.slots.path(slot))
+        except Exception as exc:
+            raise load_error(exc) from None
+
+    def _slot_sha256(self, slot: str) -> str | None:
+        path = self.slots.path(slot) / MANIFEST
+        try:
+            return str(json.loads(path.read_bytes())["manifest"]["model"]["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _save(self, record: Record) -> None:
+        with self._record_lock:
+            save_record(self._record_path, record)
+            self.record = record
+
+    def _update(self, **changes: Any) -> None:
+        # Reports are numbered from other threads too: read-modify-write under one lock.
+        with self._record_lock:
+            self._save(replace(self.record, **changes))
+
+    def next_msg_id(self) -> int:
+        """The next report's msg_id, saved before it is used. A device without a record
+        starts at the current time in milliseconds, so it never reuses an id the server
+        has seen (after a reflash, say)."""
+        with self._record_lock:
+            msg_id = (self.record.msg_id or int(self._clock() * 1000)) + 1
+            self._update(msg_id=msg_id)
+            return msg_id
+
+    def _send_report(self, desired: DesiredState, state: UpdateState, reason: str | None) -> None:
+        msg_id = self.next_msg_id()
+        active = self._predictor.active
+        report = UpdateReport(
+            schema_version=MESSAGE_SCHEMA_VERSION,
+            msg_id=msg_id,
+            ts=self._clock(),
+            deployment_id=desired.deployment_id,
+            desired_seq=desired.seq,
+            state=state,
+            model_name=active.name if active else None,
+            model_version=active.version if active else None,
+            reason=reason,
+            detail=None,
+        )
+        try:
+            self._report(report)
+        except Exception:
+            log.exception("could not queue the %s report", state.value)
+
+    def _cleanup_downloads(self) -> None:
+        if self._downloads.exists():
+            for item in self._downloads.iterdir():
+                item.unlink(missing_ok=True)
+
+    def _maybe_fault(self, state: UpdateState, when: str) -> None:
+        if self._fault == (state.value, when):
+            log.warning("fault injection: killing the agent %s %s", when, state.value)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _warm(model: LoadedModel) -> None:
+    test = model.manifest.self_test
+    if test is not None and test.vectors:
+        model.runner.invoke_once([a.to_array() for a in test.vectors[0].inputs])

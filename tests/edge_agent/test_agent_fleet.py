@@ -1,0 +1,108 @@
+"""The agent as a device runs it: `edge-agent enroll` and `edge-agent run` as processes,
+against `fleet-server serve` and a Mosquitto configured by `broker-config`, with real
+digits bundles made by edge-convert."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.edge_agent.conftest import DigitsBundles
+from tests.fleet import AgentProcess, Fleet, enroll_agent, eventually, running_fleet
+
+pytestmark = pytest.mark.slow
+
+FAST_TELEMETRY = {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, mosquitto_executable: str, digits: DigitsBundles) -> Iterator[Fleet]:
+    with running_fleet(tmp_path, mosquitto_executable) as fleet:
+        fleet.upload(digits.v1)
+        fleet.upload(digits.v2)
+        yield fleet
+
+
+@pytest.fixture
+def sample(digits: DigitsBundles) -> tuple[list[object], int]:
+    data = np.load(digits.eval_npz)
+    return data["x"][0].tolist(), int(data["y"][0])
+
+
+def _serving(agent: AgentProcess) -> str | None:
+    model = agent.health().get("model")
+    return model["version"] if model else None
+
+
+def _states(fleet: Fleet, device_id: str, seq: int) -> list[str]:
+    return [state for s, state, _, _ in fleet.reports(device_id) if s == seq]
+
+
+def test_an_agent_converges_on_its_desired_model_and_reports_telemetry(
+    fleet: Fleet, digits: DigitsBundles, tmp_path: Path, sample: tuple[list[object], int]
+) -> None:
+    device_id, agent = enroll_agent(
+        fleet, tmp_path / "agent", digits.v1.public_key, "lab", **FAST_TELEMETRY
+    )
+    agent.start()
+    try:
+        assert _serving(agent) is None
+        desired = fleet.desire(device_id, "digits", "1.0.0")
+        eventually(lambda: _serving(agent) == "1.0.0")
+        eventually(lambda: "active" in _states(fleet, device_id, desired["seq"]))
+        assert _states(fleet, device_id, desired["seq"]) == [
+            "downloading",
+            "verifying",
+            "installing",
+            "self_testing",
+            "switching",
+            "active",
+        ]
+        inputs, label = sample
+        answer = agent.predict(inputs).json()
+        assert (answer["model"]["version"], answer["top1"]) == ("1.0.0", label)
+        eventually(lambda: fleet.device(device_id)["model_version"] == "1.0.0")
+        # Telemetry: health every batch, and the inference window that saw the request.
+        eventually(lambda: fleet.sql("SELECT count(*) FROM health_samples")[0][0] >= 2)
+        eventually(
+            lambda: (
+                fleet.sql("SELECT sum(count) FROM inference_windows WHERE model_version = '1.0.0'")[
+                    0
+                ][0]
+                == 1
+            )
+        )
+        status = agent.status()
+        assert (status["device_id"], status["model"]) == (device_id, "digits 1.0.0")
+        assert status["update_state"] == "active"
+    finally:
+        agent.stop()
+    online = fleet.device(device_id)["status"]
+    assert online == "offline"  # a clean stop says so itself
+
+
+def test_an_update_switches_models_and_a_downgrade_needs_a_rollback(
+    fleet: Fleet, digits: DigitsBundles, tmp_path: Path, sample: tuple[list[object], int]
+) -> None:
+    device_id, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
+    agent.start()
+    try:
+        fleet.desire(device_id, "digits", "1.0.0")
+        eventually(lambda: _serving(agent) == "1.0.0")
+        fleet.desire(device_id, "digits", "2.0.0")
+        eventually(lambda: _serving(agent) == "2.0.0")
+        inputs, label = sample
+        assert agent.predict(inputs).json()["top1"] == label  # the int8 model answers too
+        down = fleet.desire(device_id, "digits", "1.0.0")
+        eventually(lambda: "rejected" in _states(fleet, device_id, down["seq"]))
+        reason = [r for s, state, _, r in fleet.reports(device_id) if s == down["seq"]][-1]
+        assert "older than the running 2.0.0" in reason
+        assert _serving(agent) == "2.0.0"
+        back = fleet.desire(device_id, "digits", "1.0.0", rollback=True)
+        eventually(lambda: "active" in _states(fleet, device_id, back["seq"]))
+        assert _serving(agent) == "1.0.0"
+    finally:
+        agent.stop()
