@@ -15,6 +15,7 @@ from tests.bundles import Bundle, convert
 class DigitsBundles:
     v1: Bundle  # 1.0.0, float32
     v2: Bundle  # 2.0.0, full int8 (quantized inputs and outputs)
+    v3: Bundle  # 3.0.0, float16 weights
     eval_npz: Path  # held-out inputs `x` and labels `y`
     labels: tuple[str, ...]
 
@@ -27,19 +28,10 @@ def digits(
     private, public = generate_keypair(root / "keys")
     folder = reference_models["digits"]
     data = ("--calibration", folder / "calibration.npz", "--eval", folder / "eval.npz")
-    labels = ("--labels", folder / "labels.txt")
-    v1 = convert(folder, root / "v1", "digits", "1.0.0", private, public, *labels, *data)
-    v2 = convert(
-        folder,
-        root / "v2",
-        "digits",
-        "2.0.0",
-        private,
-        public,
-        "--quantize",
-        "int8",
-        *labels,
-        *data,
+    options = ("--labels", folder / "labels.txt", *data)
+    v1, v2, v3 = (
+        convert(folder, root / f"v{n}", "digits", f"{n}.0.0", private, public, *mode, *options)
+        for n, mode in ((1, ()), (2, ("--quantize", "int8")), (3, ("--quantize", "float16")))
     )
     names = tuple((folder / "labels.txt").read_text().split())
-    return DigitsBundles(v1, v2, folder / "eval.npz", names)
+    return DigitsBundles(v1, v2, v3, folder / "eval.npz", names)
