@@ -4,6 +4,7 @@ digits bundles made by edge-convert."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,38 @@ def test_an_update_switches_models_and_a_downgrade_needs_a_rollback(
         assert _serving(agent) == "1.0.0"
     finally:
         agent.stop()
+
+
+def test_telemetry_sent_while_the_broker_is_down_arrives_once_and_in_full(
+    fleet: Fleet, digits: DigitsBundles, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / "agent"
+    device_id, agent = enroll_agent(
+        fleet, state_dir, digits.v1.public_key, **{"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.2"}
+    )
+    # A known first sequence number, so a lost first batch would show too.
+    (state_dir / "counters.json").write_text(json.dumps({"telemetry_seq": 1000}))
+    agent.start()
+    try:
+        seqs = f"SELECT seq FROM seen_messages WHERE device_id = '{device_id}' ORDER BY seq"
+        eventually(lambda: len(fleet.sql(seqs)) >= 3)
+        fleet.broker.stop()  # SIGTERM: Mosquitto saves its sessions and queues
+        eventually(lambda: agent.status()["outbox_depth"] >= 5)  # batches pile up on disk
+        fleet.broker.start()
+        queued_at_restart = agent.status()["outbox_depth"]
+        eventually(lambda: agent.status()["outbox_depth"] < 2, timeout=60)
+    finally:
+        agent.stop()
+    last = json.loads((state_dir / "counters.json").read_text())["telemetry_seq"]
+    left = agent.status()["outbox_depth"]
+
+    def delivered() -> list[int]:
+        return [seq for (seq,) in fleet.sql(seqs)]
+
+    eventually(lambda: len(delivered()) == last - 1000 - left)
+    assert delivered() == list(range(1001, last - left + 1))  # no gap, none twice
+    health_rows = fleet.sql(f"SELECT count(*) FROM health_samples WHERE device_id = '{device_id}'")[
+        0
+    ][0]
+    assert health_rows == len(delivered())  # each batch stored once
+    assert queued_at_restart >= 5
