@@ -120,8 +120,7 @@ def test_telemetry_sent_while_the_broker_is_down_arrives_once_and_in_full(
     (state_dir / "counters.json").write_text(json.dumps({"telemetry_seq": 1000}))
     agent.start()
     try:
-        seqs = f"SELECT seq FROM seen_messages WHERE device_id = '{device_id}' ORDER BY seq"
-        eventually(lambda: len(fleet.sql(seqs)) >= 3)
+        eventually(lambda: len(_telemetry_seqs(fleet, device_id)) >= 3)
         fleet.broker.stop()  # SIGTERM: Mosquitto saves its sessions and queues
         eventually(lambda: agent.status()["outbox_depth"] >= 5)  # batches pile up on disk
         fleet.broker.start()
@@ -133,12 +132,16 @@ def test_telemetry_sent_while_the_broker_is_down_arrives_once_and_in_full(
     left = agent.status()["outbox_depth"]
 
     def delivered() -> list[int]:
-        return [seq for (seq,) in fleet.sql(seqs)]
+        return _telemetry_seqs(fleet, device_id)
 
     eventually(lambda: len(delivered()) == last - 1000 - left)
     assert delivered() == list(range(1001, last - left + 1))  # no gap, none twice
-    health_rows = fleet.sql(f"SELECT count(*) FROM health_samples WHERE device_id = '{device_id}'")[
-        0
-    ][0]
+    query = "SELECT count(*) FROM health_samples WHERE device_id = :d"
+    health_rows = fleet.sql(query, d=device_id)[0][0]
     assert health_rows == len(delivered())  # each batch stored once
     assert queued_at_restart >= 5
+
+
+def _telemetry_seqs(fleet: Fleet, device_id: str) -> list[int]:
+    query = "SELECT seq FROM seen_messages WHERE device_id = :d AND stream = 'telemetry'"
+    return [seq for (seq,) in fleet.sql(query + " ORDER BY seq", d=device_id)]
