@@ -27,6 +27,7 @@ from edge_agent.serving import Predictor
 from edge_agent.slots import MANIFEST, Slots
 from edge_agent.update.states import RESTING, Event, next_state
 from edge_agent.update.steps import (
+    Interrupted,
     Refused,
     Running,
     StepError,
@@ -50,6 +51,9 @@ log = logging.getLogger("edge_agent.update")
 
 RECORD_FILE = "update.json"
 MAX_ATTEMPTS = 3
+# A flaky link gets this many tries per download, each resuming where the last stopped.
+DOWNLOAD_ATTEMPTS = 4
+DOWNLOAD_BACKOFF_S = 0.5
 # Fault injection for the crash tests: "<state>:before" kills the agent right after it
 # saved `state` (before the step runs), "<state>:after" once the step is done (before the
 # next state is saved). SIGKILL, as a power cut: no cleanup runs.
@@ -220,7 +224,15 @@ class UpdateMachine:
             if self._auth is None:
                 raise StepError("this agent is not enrolled: no credentials to download with")
             self._downloads.mkdir(parents=True, exist_ok=True)
-            download(target, download_path, self._auth, self._max_bytes)
+            for attempt in range(DOWNLOAD_ATTEMPTS):
+                try:
+                    download(target, download_path, self._auth, self._max_bytes)
+                    break
+                except Interrupted as exc:
+                    if attempt == DOWNLOAD_ATTEMPTS - 1:
+                        raise
+                    log.warning("%s; resuming (attempt %d)", exc, attempt + 2)
+                    time.sleep(DOWNLOAD_BACKOFF_S * 2**attempt)
             return Event.DOWNLOADED
         if state is S.VERIFYING:
             try:

@@ -33,6 +33,10 @@ class Refused(StepError):
     """The desired state is refused before any download (`rejected`)."""
 
 
+class Interrupted(StepError):
+    """The download stopped part-way; trying again resumes where it stopped."""
+
+
 @dataclass(frozen=True)
 class Running:
     """What serves now, for the checks that compare against it."""
@@ -110,9 +114,9 @@ def download(target: ModelTarget, dest: Path, auth: tuple[str, str], max_bytes: 
         raise StepError(f"download refused: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise StepError(f"download interrupted: {reason}") from None
+        raise Interrupted(f"download interrupted: {reason}") from None
     if received != target.size:
-        raise StepError(f"the download stopped at {received} of {target.size} bytes")
+        raise Interrupted(f"the download stopped at {received} of {target.size} bytes")
 
 
 def verify(manifest: Manifest, model_file: Path) -> None:

@@ -1,0 +1,312 @@
+"""The update machine in-process, against a real local HTTP file server and real digits
+bundles: every kind of bad update is refused with a reason, and the model that was
+serving keeps serving."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent.model import load_model
+from edge_agent.serving import Predictor
+from edge_agent.update.machine import UpdateMachine, load_record
+from protocol.manifest import ArrayData, SignedManifest, read_manifest
+from protocol.messages import DesiredState, ModelTarget, UpdateReport, UpdateState
+from protocol.schema import encode
+from protocol.signing import (
+    TrustedKey,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign_manifest,
+)
+from tests.bundles import Bundle
+from tests.edge_agent.conftest import DigitsBundles
+
+S = UpdateState
+
+
+@dataclass
+class ArtifactServer:
+    """Serves bytes by name, with Range; can misbehave in the ways networks do."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    cut_first: dict[str, int] = field(default_factory=dict)  # first response stops here
+    cut_always: dict[str, int] = field(default_factory=dict)
+    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (name, Range)
+    port: int = 0
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/artifacts/{name}"
+
+
+def _handler(server: ArtifactServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            name = self.path.rsplit("/", 1)[-1]
+            server.requests.append((name, self.headers.get("Range")))
+            body = server.files.get(name)
+            if body is None:
+                self.send_error(404)
+                return
+            start = 0
+            if self.headers.get("Range"):
+                start = int(self.headers["Range"].split("=")[1].rstrip("-"))
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            else:
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(body) - start))
+            self.end_headers()
+            cut = server.cut_always.get(name) or server.cut_first.pop(name, None)
+            self.wfile.write(body[start:cut] if cut is not None else body[start:])
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture
+def artifacts() -> Iterator[ArtifactServer]:
+    server = ArtifactServer()
+    http = ThreadingHTTPServer(("127.0.0.1", 0), _handler(server))
+    server.port = http.server_address[1]
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    http.shutdown()
+    http.server_close()
+
+
+@dataclass
+class Device:
+    machine: UpdateMachine
+    predictor: Predictor
+    reports: list[UpdateReport]
+    state_dir: Path
+
+    def serving(self) -> str | None:
+        return self.predictor.active.version if self.predictor.active else None
+
+    def states(self, seq: int) -> list[UpdateState]:
+        return [r.state for r in self.reports if r.desired_seq == seq]
+
+    def reason(self, seq: int) -> str:
+        return next(r.reason for r in reversed(self.reports) if r.desired_seq == seq) or ""
+
+
+def _device(state_dir: Path, key: TrustedKey) -> Device:
+    predictor = Predictor()
+    reports: list[UpdateReport] = []
+    machine = UpdateMachine(
+        state_dir, predictor, (key,), ("dev-1", "secret"), 64 << 20, reports.append, load_model
+    )
+    machine.boot()
+    return Device(machine, predictor, reports, state_dir)
+
+
+@pytest.fixture
+def device(tmp_path: Path, digits: DigitsBundles) -> Device:
+    return _device(tmp_path / "agent", load_public_key(digits.v1.public_key))
+
+
+_SEQ = iter(range(1, 10_000))
+
+
+def desired(
+    bundle: Bundle,
+    artifacts: ArtifactServer,
+    *,
+    signed: SignedManifest | None = None,
+    mode: str = "active",
+    rollback: bool = False,
+    expires_in: float = 3600.0,
+) -> DesiredState:
+    signed = signed or read_manifest(bundle.folder)
+    manifest = signed.manifest
+    name = f"{manifest.name}-{manifest.version}.tflite"
+    artifacts.files.setdefault(name, (bundle.folder / manifest.model.path).read_bytes())
+    now = time.time()
+    target = ModelTarget(
+        manifest.name,
+        manifest.version,
+        manifest.model.sha256,
+        manifest.model.size,
+        artifacts.url(name),
+        encode(signed),
+    )
+    return DesiredState(1, next(_SEQ), now, now + expires_in, "dep-1", mode, rollback, target)  # type: ignore[arg-type]
+
+
+def _serving_v1(device: Device, digits: DigitsBundles, artifacts: ArtifactServer) -> None:
+    assert device.machine.apply(desired(digits.v1, artifacts)) is S.ACTIVE
+    assert device.serving() == "1.0.0"
+
+
+def test_an_update_downloads_verifies_self_tests_and_switches(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    update = desired(digits.v2, artifacts)
+    assert device.machine.apply(update) is S.ACTIVE
+    assert device.states(update.seq) == [
+        S.DOWNLOADING,
+        S.VERIFYING,
+        S.INSTALLING,
+        S.SELF_TESTING,
+        S.SWITCHING,
+        S.ACTIVE,
+    ]
+    assert device.serving() == "2.0.0"
+    assert [r.model_version for r in device.reports][-1] == "2.0.0"
+    # The record is on disk: a restarted agent serves what `current` points at.
+    again = _device(device.state_dir, load_public_key(digits.v1.public_key))
+    assert again.serving() == "2.0.0"
+    assert load_record(device.state_dir / "update.json").state is S.ACTIVE
+
+
+def test_a_dropped_download_resumes_with_a_range_request(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    update = desired(digits.v1, artifacts)
+    name = next(iter(artifacts.files))
+    artifacts.cut_first[name] = 5000
+    assert device.machine.apply(update) is S.ACTIVE
+    assert artifacts.requests == [(name, None), (name, "bytes=5000-")]
+
+
+@pytest.mark.parametrize(
+    ("damage", "state", "reason"),
+    [
+        ("flip", S.FAILED, "does not match the manifest"),
+        ("truncate", S.FAILED, "the download stopped at"),
+        ("grow", S.FAILED, "bytes the manifest names"),
+        ("missing", S.FAILED, "HTTP 404"),
+    ],
+)
+def test_a_bad_artifact_fails_and_the_old_model_keeps_serving(
+    device: Device,
+    digits: DigitsBundles,
+    artifacts: ArtifactServer,
+    damage: str,
+    state: UpdateState,
+    reason: str,
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    update = desired(digits.v2, artifacts)
+    assert update.model is not None
+    name = update.model.artifact_url.rsplit("/", 1)[-1]
+    good = artifacts.files[name]
+    if damage == "flip":
+        artifacts.files[name] = good[:-1] + bytes([good[-1] ^ 0xFF])
+    elif damage == "truncate":
+        artifacts.cut_always[name] = len(good) // 2
+    elif damage == "grow":
+        artifacts.files[name] = good + b"\0" * 4096
+    else:
+        del artifacts.files[name]
+    assert device.machine.apply(update) is state
+    assert reason in device.reason(update.seq)
+    assert device.serving() == "1.0.0"
+    assert not list((device.state_dir / "downloads").iterdir())  # nothing half-kept
+
+
+def _resigned(bundle: Bundle, change: object, key_path: Path) -> SignedManifest:
+    manifest = read_manifest(bundle.folder).manifest
+    return sign_manifest(dataclasses.replace(manifest, **change), load_private_key(key_path))  # type: ignore[arg-type]
+
+
+def test_a_manifest_changed_after_signing_is_rejected_before_any_download(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    signed = read_manifest(digits.v2.folder)
+    changed = SignedManifest(
+        dataclasses.replace(signed.manifest, labels=tuple("abcdefghij")), signed.signatures
+    )
+    requests = len(artifacts.requests)
+    update = desired(digits.v2, artifacts, signed=changed)
+    assert device.machine.apply(update) is S.REJECTED
+    assert "does not verify" in device.reason(update.seq)
+    assert len(artifacts.requests) == requests
+    assert device.serving() == "1.0.0"
+
+
+def test_a_manifest_signed_by_an_unknown_key_is_rejected(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer, tmp_path: Path
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    private, _ = generate_keypair(tmp_path / "stranger")
+    update = desired(digits.v2, artifacts, signed=_resigned(digits.v2, {}, private))
+    assert device.machine.apply(update) is S.REJECTED
+    assert "none of which is trusted" in device.reason(update.seq)
+    assert device.serving() == "1.0.0"
+
+
+def test_a_model_that_fails_its_self_test_is_never_switched_to(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    test = read_manifest(digits.v2.folder).manifest.self_test
+    assert test is not None
+    wrong = [
+        dataclasses.replace(
+            v, expected=tuple(ArrayData.from_array(1 - e.to_array()) for e in v.expected)
+        )
+        for v in test.vectors
+    ]
+    bad_test = dataclasses.replace(test, vectors=tuple(wrong))
+    signed = _resigned(digits.v2, {"self_test": bad_test}, digits.v2.private_key)
+    update = desired(digits.v2, artifacts, signed=signed)
+    assert device.machine.apply(update) is S.FAILED
+    assert "self-test vector 0" in device.reason(update.seq)
+    assert device.serving() == "1.0.0"
+
+
+def test_an_expired_desired_state_is_rejected(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    update = desired(digits.v1, artifacts, expires_in=0.01)
+    time.sleep(0.05)  # held back on the way, say
+    assert device.machine.apply(update) is S.REJECTED
+    assert "expired" in device.reason(update.seq)
+    assert device.serving() is None
+
+
+def test_a_desired_state_seen_again_is_not_applied_twice(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    update = desired(digits.v1, artifacts)
+    device.machine.apply(update)
+    count = len(device.reports)
+    assert device.machine.apply(update) is S.ACTIVE
+    assert len(device.reports) == count
+
+
+def test_shadow_runs_the_candidate_beside_the_active_model_then_promotes_it(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    shadow = desired(digits.v2, artifacts, mode="shadow")
+    assert device.machine.apply(shadow) is S.SHADOW
+    assert device.serving() == "1.0.0"
+    assert device.predictor.shadow is not None
+    assert device.predictor.shadow.version == "2.0.0"
+    image = np.load(digits.eval_npz)["x"][0]
+    assert device.predictor.predict(image).model_version == "1.0.0"  # only the active answers
+    requests = len(artifacts.requests)
+    promote = desired(digits.v2, artifacts)
+    assert device.machine.apply(promote) is S.ACTIVE
+    assert device.states(promote.seq) == [S.SWITCHING, S.ACTIVE]  # installed already
+    assert len(artifacts.requests) == requests
+    assert device.serving() == "2.0.0"
+    assert device.predictor.shadow is None
