@@ -208,17 +208,23 @@ class Agent:
         health = self.health.sample(now)
         if device is None:
             return
-        batch = TelemetryBatch(
-            schema_version=MESSAGE_SCHEMA_VERSION,
-            seq=self._next_counter("telemetry_seq"),
-            sent_at=now,
-            dropped=self.outbox.take_dropped(),
-            health=(health,),
-            inference=inference,
-            accuracy=accuracy,
-            shadow=shadow,
-        )
-        self.outbox.put(self.topics.telemetry(device), encode_payload(batch))
+        seq = self._next_counter("telemetry_seq")
+
+        def batch(dropped: int) -> bytes:
+            return encode_payload(
+                TelemetryBatch(
+                    schema_version=MESSAGE_SCHEMA_VERSION,
+                    seq=seq,
+                    sent_at=now,
+                    dropped=dropped,
+                    health=(health,),
+                    inference=inference,
+                    accuracy=accuracy,
+                    shadow=shadow,
+                )
+            )
+
+        self.outbox.put_counting_dropped(self.topics.telemetry(device), batch)
         if self.link is not None:
             self.link.wake()
 

@@ -15,14 +15,15 @@ removed only after the broker acknowledged it:
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from edge_agent.files import fsync_dir
 
 # Written into the file header so that a foreign SQLite database is refused, not altered.
 APPLICATION_ID = 0x45464F42  # "EFOB"
@@ -140,7 +141,7 @@ class Outbox:
             if not existed:
                 # SQLite syncs the directory for the log it creates but not for the database
                 # file itself; without this a power cut could lose the whole new file.
-                _fsync_dir(self.path.parent)
+                fsync_dir(self.path.parent)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -160,25 +161,36 @@ class Outbox:
     def put(self, topic: str, payload: bytes, *, droppable: bool = True) -> int:
         """Append durably and return the item's id. May drop the oldest droppable items, the new
         one included, to keep within max_items; the returned id is then already gone."""
-        if not isinstance(topic, str):
-            raise TypeError(f"topic must be str, got {type(topic).__name__}")
-        if not isinstance(payload, bytes):
-            raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+        _check_item(topic, payload)
         with self._lock, self._transaction() as db:
-            cursor = db.execute(
-                "INSERT INTO items (topic, payload, droppable, created_at) VALUES (?, ?, ?, ?)",
-                (topic, payload, int(droppable), time.time()),
-            )
-            item_id = cursor.lastrowid
-            assert item_id is not None
-            excess = _counter(db, "items") - self.max_items
-            if excess > 0:
-                # rowcount excludes the trigger's own updates: it is the items deleted.
-                dropped = db.execute(DROP_OLDEST_SQL, (excess,)).rowcount
-                if dropped > 0:
-                    db.execute(
-                        "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (dropped,)
-                    )
+            return self._insert(db, topic, payload, droppable)
+
+    def put_counting_dropped(self, topic: str, build: Callable[[int], bytes]) -> int:
+        """Append the (droppable) payload `build(dropped)`, where `dropped` is what was dropped
+        since the last such call, and restart that count, in one transaction: a crash
+        between taking the count and queueing the message that reports it loses neither."""
+        with self._lock, self._transaction() as db:
+            dropped = _counter(db, "dropped")
+            payload = build(dropped)
+            _check_item(topic, payload)
+            db.execute("UPDATE counters SET value = 0 WHERE name = 'dropped'")
+            return self._insert(db, topic, payload, True)
+
+    def _insert(self, db: sqlite3.Connection, topic: str, payload: bytes, droppable: bool) -> int:
+        cursor = db.execute(
+            "INSERT INTO items (topic, payload, droppable, created_at) VALUES (?, ?, ?, ?)",
+            (topic, payload, int(droppable), time.time()),
+        )
+        item_id = cursor.lastrowid
+        assert item_id is not None
+        excess = _counter(db, "items") - self.max_items
+        if excess > 0:
+            # rowcount excludes the trigger's own updates: it is the items deleted.
+            dropped = db.execute(DROP_OLDEST_SQL, (excess,)).rowcount
+            if dropped > 0:
+                db.execute(
+                    "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (dropped,)
+                )
         return item_id
 
     def peek(self, limit: int) -> list[OutboxItem]:
@@ -227,14 +239,13 @@ class Outbox:
             self._db.close()
 
 
+def _check_item(topic: str, payload: bytes) -> None:
+    if not isinstance(topic, str):
+        raise TypeError(f"topic must be str, got {type(topic).__name__}")
+    if not isinstance(payload, bytes):
+        raise TypeError(f"payload must be bytes, got {type(payload).__name__}")
+
+
 def _counter(db: sqlite3.Connection, name: str) -> int:
     value: int = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()[0]
     return value
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

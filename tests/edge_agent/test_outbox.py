@@ -416,3 +416,23 @@ def test_foreign_sqlite_database_raises_outbox_error_and_is_left_as_it_was(path:
 
     assert str(path) in str(raised.value)
     assert path.read_bytes() == original
+
+
+def test_the_dropped_count_is_taken_by_the_message_that_reports_it(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "outbox.sqlite", max_items=3)
+    for n in range(5):
+        box.put("t", b"%d" % n)  # two are dropped
+    seen: list[int] = []
+
+    def report(dropped: int) -> bytes:
+        seen.append(dropped)
+        return b"dropped=%d" % dropped
+
+    box.put_counting_dropped("t", report)  # its own insert drops one more, counted anew
+    box.put_counting_dropped("t", report)
+    assert seen == [2, 1]
+    assert [item.payload for item in box.peek(10)][-2:] == [b"dropped=2", b"dropped=1"]
+    box.close()
+    # Each count restarted with the report that took it; the second report's own insert
+    # dropped one more, which waits, on disk, for the next report.
+    assert Outbox(tmp_path / "outbox.sqlite", max_items=3).take_dropped() == 1
