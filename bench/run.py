@@ -24,14 +24,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 )
 @click.option(
     "--only",
-    type=click.Choice(["conversion", "ingest"]),
+    type=click.Choice(["conversion", "agent", "ingest"]),
     default=None,
     help="Run just this benchmark (default: every one).",
 )
 def main(out: Path, models_dir: Path | None, only: str | None) -> None:
-    from bench import conversion, ingest, pipeline
+    from bench import agent, conversion, ingest, pipeline
     from toolchain.convert import machine_description
 
+    def wanted(name: str) -> bool:
+        return only in (None, name)
+
+    agent_section: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         if only == "ingest":
             models_dir = Path(tmp)  # no models needed: do not even import TensorFlow
@@ -43,9 +47,12 @@ def main(out: Path, models_dir: Path | None, only: str | None) -> None:
                 click.echo(f"training {name}", err=True)
                 train(models_dir / name, seed=0)
         figures = []
-        for name in () if only == "ingest" else ("digits", "tabular"):
+        for name in ("digits", "tabular") if wanted("conversion") else ():
             click.echo(f"converting {name} in every mode", err=True)
             figures.append(conversion.measure(name, models_dir / name))
+        if wanted("agent"):
+            click.echo("measuring the edge agent", err=True)
+            agent_section = agent.markdown(agent.measure(models_dir))
 
     text = [
         "# Benchmarks",
@@ -75,9 +82,10 @@ def main(out: Path, models_dir: Path | None, only: str | None) -> None:
         "models are the same bytes). The digits ratios are the meaningful ones.",
         "",
     ]
-    if only == "ingest":
+    if not wanted("conversion"):
         sections = []
-    if only != "conversion":
+    sections += agent_section
+    if wanted("ingest"):
         click.echo("measuring telemetry ingest", err=True)
         sections += ingest.markdown(ingest.measure(progress=lambda s: click.echo(s, err=True)))
         click.echo("measuring the server pipeline per message", err=True)

@@ -132,6 +132,12 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = CONNECTION_TIMEOUT_S
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out as separate small writes; with Nagle's algorithm the body
+        # would wait for the client's delayed ACK, some 40 ms on a kept-alive connection.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     # --- dispatch ---
 
     def do_GET(self) -> None:

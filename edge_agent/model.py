@@ -48,7 +48,7 @@ def load_model(
 
 @dataclass(frozen=True)
 class Prediction:
-    prediction_id: str  # uuid4 hex; the key for later feedback
+    prediction_id: str  # unique across processes and devices; the key for later feedback
     outputs: tuple[np.ndarray, ...]  # real (dequantized) values, one array per model output
     top1: int | None  # argmax of the first output, for classifiers; None otherwise
     label: str | None  # labels[top1] when the manifest has labels

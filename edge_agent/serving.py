@@ -8,11 +8,13 @@ the one that belongs to the model's own interpreter.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import operator
+import secrets
 import threading
 import time
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -27,6 +29,8 @@ from edge_agent.runtime import InputShapeError, ModelRunner, TensorInfo
 logger = logging.getLogger(__name__)
 
 # How far from 1.0 a float output may sum and still be read as a probability distribution.
+# Score vectors up to this long are read in plain Python (see _classify_small).
+SMALL_VECTOR = 64
 PROBABILITY_TOLERANCE = 1e-3
 
 
@@ -115,8 +119,11 @@ def _prepare_one(position: int, values: Any, info: TensorInfo) -> np.ndarray:
                 f"input {position} ({info.name}) expects shape {_format_shape(expected)}"
                 f"{without_batch}, got {_format_shape(array.shape)}"
             )
+    dtype = _real_dtype(info)
+    if array.dtype == dtype and array.flags.c_contiguous:
+        return array  # what the caller sent is what the runner takes: no copy, no cast
     with np.errstate(invalid="ignore", over="ignore"):
-        return np.ascontiguousarray(array, dtype=_real_dtype(info))
+        return np.ascontiguousarray(array, dtype=dtype)
 
 
 def _prepare(runner: ModelRunner, inputs: Any) -> list[np.ndarray]:
@@ -144,6 +151,16 @@ def _prepare(runner: ModelRunner, inputs: Any) -> list[np.ndarray]:
     ]
 
 
+# One random prefix per process and a counter: ids unique across restarts and devices, at a
+# fraction of uuid4's cost (which reads the OS's randomness on every prediction).
+_ID_PREFIX = secrets.token_hex(8)
+_ID_COUNTER = itertools.count(1)
+
+
+def _prediction_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
 # --- reading a classifier's answer ----------------------------------------------------------
 
 
@@ -161,6 +178,10 @@ def _classify(
         return None, None, 0
     scores = scores.reshape(-1)
     classes = scores.size
+    if 1 < classes <= SMALL_VECTOR:
+        answer = _classify_small(scores.tolist(), info)
+        if answer is not None:
+            return answer
     finite = bool(np.isfinite(scores).all())
     in_unit = finite and bool(((scores >= 0.0) & (scores <= 1.0)).all())
     if classes == 1:
@@ -180,6 +201,25 @@ def _classify(
         tolerance += classes * info.scale / 2
     if in_unit and abs(float(scores.sum()) - 1.0) <= tolerance:
         return top1, float(scores[top1]), classes
+    return top1, None, classes
+
+
+def _classify_small(
+    scores: list[float], info: TensorInfo | None
+) -> tuple[int | None, float | None, int] | None:
+    """_classify for a short vector of finite scores, in plain Python: numpy's per-call
+    overhead on a handful of numbers costs more than the arithmetic, on every prediction.
+    None when a score is not finite: _classify's numpy path decides those."""
+    total = math.fsum(scores)
+    if not math.isfinite(total):
+        return None
+    classes = len(scores)
+    top1 = max(range(classes), key=scores.__getitem__)  # the first of equal maxima, as argmax
+    tolerance = PROBABILITY_TOLERANCE
+    if info is not None and info.quantized:
+        tolerance += classes * info.scale / 2
+    if min(scores) >= 0.0 and scores[top1] <= 1.0 and abs(total - 1.0) <= tolerance:
+        return top1, scores[top1], classes
     return top1, None, classes
 
 
@@ -293,7 +333,7 @@ class Predictor:
         labels = model.labels
         label = labels[top1] if labels and top1 is not None and top1 < len(labels) else None
         prediction = Prediction(
-            prediction_id=uuid.uuid4().hex,
+            prediction_id=_prediction_id(),
             outputs=tuple(outputs),
             top1=top1,
             label=label,
