@@ -505,13 +505,11 @@ def _enroll(client: TestClient, state: FleetState, count: int) -> list[Device]:
 
 
 class _BareSubscriber:
-    """Logged in as the server, on the server's shared subscription; counts and acks."""
+    """Logged in as the server, subscribed as the server is; counts and acks."""
 
     def __init__(self, broker: _Broker, client_id: str, subscribe: bool = True) -> None:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
-
-        from fleet_server.broker import SHARE_GROUP
 
         self.received = 0
         self.connected_at = self.first = self.last = 0.0  # CONNACK, first and last message
@@ -538,7 +536,7 @@ class _BareSubscriber:
         if not self._connected.wait(CONNECT_TIMEOUT_S):
             raise RuntimeError("the bare subscriber could not connect")
         if subscribe:
-            topic = f"$share/{SHARE_GROUP}/{TOPICS.prefix}/devices/+/telemetry"
+            topic = TOPICS.server_subscriptions()[-1]  # telemetry, as the server subscribes
             self._client.subscribe(topic, qos=1)
             if not self._subscribed.wait(CONNECT_TIMEOUT_S) or self._codes[0].is_failure:
                 raise RuntimeError(f"subscribing to {topic} was refused: {self._codes}")
@@ -897,7 +895,7 @@ def markdown(figures: IngestFigures) -> list[str]:
         "of its own, configured by `broker-config` (dynamic-security ACLs, and queue and "
         "in-flight limits raised so a subscriber that falls behind is not dropped). "
         "The bare subscriber is plain paho logged in as the server on "
-        "the server's shared subscription, only counting. Each receiver is measured twice:",
+        "the server's subscription, only counting. Each receiver is measured twice:",
         "",
         "- **live**: the publishers run while the receiver takes what arrives; publishers, "
         "broker and receiver share the machine's cores. Rate = received / (first → last "

@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("fleet-data")
     database_url: str | None = None  # default: SQLite under data_dir
     mqtt_url: str | None = None  # mqtt://host:port; None runs without the MQTT bridge
+    # Server replicas set this to split the devices' messages between them (a shared
+    # subscription); see Topics.server_subscriptions for what that costs on Mosquitto 2.0.
+    mqtt_shared: bool = False
     broker_dir: Path | None = None  # where broker-config wrote the server's credentials
     host: str = "127.0.0.1"
     port: int = 8080

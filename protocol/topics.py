@@ -112,16 +112,21 @@ class Topics:
         """The filter for everything of one device (for broker ACLs and debugging)."""
         return f"{self.prefix}/devices/{check_device_id(device_id)}/#"
 
-    def server_subscriptions(self, group: str = "fleet") -> list[str]:
-        """Shared subscriptions to every device-published topic.
+    def server_subscriptions(self, group: str | None = None) -> list[str]:
+        """The server's subscriptions to every device-published topic.
 
-        `$share/{group}/...` makes the broker hand each message to one member of the group,
-        so server replicas split the load instead of each processing every message.
+        With a `group`, shared ones: `$share/{group}/...` makes the broker hand each message
+        to one member of the group, so server replicas split the load instead of each
+        processing every message. Without, plain ones, for a single server: Mosquitto 2.0
+        restores plain subscriptions of a persistent session after a restart but not shared
+        ones, so what devices send between a broker restart and the server's resubscribing
+        reaches only a plain subscription.
         """
-        if not _SHARE_GROUP.fullmatch(group):
+        if group is not None and not _SHARE_GROUP.fullmatch(group):
             raise ValueError(f"share group {group!r} must be 1-64 letters, digits, '_' or '-'")
+        share = f"$share/{group}/" if group is not None else ""
         return [
-            f"$share/{group}/{self.prefix}/devices/+/{kind}"
+            f"{share}{self.prefix}/devices/+/{kind}"
             for kind, spec in SPEC.items()
             if spec.publisher == "device"
         ]

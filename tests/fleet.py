@@ -206,6 +206,11 @@ class AgentProcess:
             self.process.kill()
             self.process.wait()
 
+    def serving(self) -> str | None:
+        """The version of the model answering, from /v1/health."""
+        model = self.health().get("model")
+        return str(model["version"]) if model else None
+
     def health(self) -> dict[str, Any]:
         answer: dict[str, Any] = httpx.get(f"{self.base}/v1/health", timeout=5).json()
         return answer

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edge_agent.files import fsync_dir
 from protocol.manifest import MANIFEST_FILE, SignedManifest, manifest_to_json
 from toolchain.errors import OptionError
 
@@ -25,12 +26,12 @@ def write_bundle(out: Path, model: bytes, model_file: str, signed: SignedManifes
     try:
         _write_synced(staging / model_file, model)
         _write_synced(staging / MANIFEST_FILE, manifest_to_json(signed))
-        _fsync_dir(staging)
+        fsync_dir(staging)
         _swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -64,11 +65,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

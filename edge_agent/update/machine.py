@@ -126,16 +126,29 @@ class UpdateMachine:
     # -- lifecycle ------------------------------------------------------------------------
 
     def boot(self) -> None:
-        """Serve what `current` points at, then finish (or undo) an interrupted update."""
+        """Serve what `current` points at. An interrupted update is finished (or undone)
+        by `start`, on the update thread, so the local API is not kept waiting for it."""
         self.slots.discard_leftovers()
         self._serve_current()
-        if self.record.state not in RESTING:
-            record = replace(self.record, attempts=self.record.attempts + 1)
-            self._save(record)
-            log.warning("resuming an interrupted update at %s", record.state.value)
-            self._drive()
-        elif self.record.state is S.SHADOW and self.record.candidate_slot:
+        if self.record.state is S.SHADOW and self.record.candidate_slot:
             self._start_shadow(self.record.candidate_slot)
+
+    @property
+    def interrupted(self) -> bool:
+        # IDLE with a desired state: taken up, but cut off before its first transition.
+        record = self.record
+        return record.state not in RESTING or (
+            record.state is S.IDLE and record.desired is not None
+        )
+
+    def resume(self) -> None:
+        """Run an interrupted update on from the step it was in."""
+        with self._lock:
+            if not self.interrupted:
+                return
+            self._update(attempts=self.record.attempts + 1)
+            log.warning("resuming an interrupted update at %s", self.record.state.value)
+            self._drive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._worker, name="updates", daemon=True)
@@ -162,6 +175,10 @@ class UpdateMachine:
             return self.record.state
 
     def _worker(self) -> None:
+        try:
+            self.resume()
+        except Exception:
+            log.exception("resuming the interrupted update failed")
         while (desired := self._offers.get()) is not None:
             # Only the latest matters: a newer desired state supersedes queued ones.
             while not self._offers.empty():

@@ -34,6 +34,7 @@ TRANSITIONS: dict[tuple[S, Event], S] = {
     (S.IDLE, Event.ALREADY_RUNNING): S.ACTIVE,
     (S.IDLE, Event.ALREADY_INSTALLED): S.SWITCHING,
     (S.IDLE, Event.UNLOAD): S.SWITCHING,
+    (S.IDLE, Event.FAILED): S.FAILED,  # the checks themselves kept crashing the agent
     (S.DOWNLOADING, Event.DOWNLOADED): S.VERIFYING,
     (S.DOWNLOADING, Event.FAILED): S.FAILED,
     (S.VERIFYING, Event.VERIFIED): S.INSTALLING,

@@ -23,6 +23,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
+from fleet_server.broker import SHARE_GROUP
 from fleet_server.models import DesiredState, utcnow
 from fleet_server.mqtt.ingest import prune
 from fleet_server.mqtt.ingest_process import (
@@ -166,7 +167,8 @@ class MqttBridge(DesiredPublisher):
         if reason.is_failure:
             log.error("MQTT connection refused: %s", reason)
             return
-        client.subscribe([(t, 1) for t in self.state.topics.server_subscriptions()])
+        group = SHARE_GROUP if self.state.settings.mqtt_shared else None
+        client.subscribe([(t, 1) for t in self.state.topics.server_subscriptions(group)])
         self.connected_at = time.monotonic()
         self._connected.set()
         threading.Thread(target=self._republish_desired, daemon=True).start()

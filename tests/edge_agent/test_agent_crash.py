@@ -21,11 +21,6 @@ STEPS = ("downloading", "verifying", "installing", "self_testing", "switching")
 FAULTS = [f"{step}:{when}" for step in STEPS for when in ("before", "after")]
 
 
-def _serving(agent: AgentProcess) -> str | None:
-    model = agent.health().get("model")
-    return model["version"] if model else None
-
-
 def test_a_kill_at_any_step_ends_on_the_old_or_the_new_model(
     tmp_path: Path, mosquitto_executable: str, digits: DigitsBundles
 ) -> None:
@@ -37,7 +32,7 @@ def test_a_kill_at_any_step_ends_on_the_old_or_the_new_model(
         device_id, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
         agent.start()
         fleet.desire(device_id, "digits", "1.0.0")
-        eventually(lambda: _serving(agent) == "1.0.0")
+        eventually(lambda: agent.serving() == "1.0.0")
         # Three versions in turn: the target is never the one serving nor the previous
         # one (kept in the other slot, it would be switched to without a download).
         versions = ["1.0.0", "2.0.0", "3.0.0"]
@@ -61,8 +56,8 @@ def _crash_and_recover(
     # Nothing runs now: what is on disk must be a model that serves.
     assert agent.status()["model"] in (f"digits {old}", f"digits {new}"), fault
     agent.start()
-    assert _serving(agent) in (old, new), fault  # from the first answer on
-    eventually(lambda: _serving(agent) == new)
+    assert agent.serving() in (old, new), fault  # from the first answer on
+    eventually(lambda: agent.serving() == new)
 
     def finished() -> bool:
         states = [s for seq, s, _, _ in fleet.reports(device_id) if seq == desired["seq"]]

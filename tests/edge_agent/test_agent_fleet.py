@@ -11,8 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleet_server.broker import CREDENTIALS_FILE, load_server_credentials
+from protocol.topics import Topics
 from tests.edge_agent.conftest import DigitsBundles
-from tests.fleet import AgentProcess, Fleet, enroll_agent, eventually, running_fleet
+from tests.fleet import Fleet, enroll_agent, eventually, running_fleet
+from tests.fleet_server.device_client import DeviceClient
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +36,6 @@ def sample(digits: DigitsBundles) -> tuple[list[object], int]:
     return data["x"][0].tolist(), int(data["y"][0])
 
 
-def _serving(agent: AgentProcess) -> str | None:
-    model = agent.health().get("model")
-    return model["version"] if model else None
-
-
 def _states(fleet: Fleet, device_id: str, seq: int) -> list[str]:
     return [state for s, state, _, _ in fleet.reports(device_id) if s == seq]
 
@@ -50,9 +48,9 @@ def test_an_agent_converges_on_its_desired_model_and_reports_telemetry(
     )
     agent.start()
     try:
-        assert _serving(agent) is None
+        assert agent.serving() is None
         desired = fleet.desire(device_id, "digits", "1.0.0")
-        eventually(lambda: _serving(agent) == "1.0.0")
+        eventually(lambda: agent.serving() == "1.0.0")
         eventually(lambda: "active" in _states(fleet, device_id, desired["seq"]))
         assert _states(fleet, device_id, desired["seq"]) == [
             "downloading",
@@ -92,19 +90,19 @@ def test_an_update_switches_models_and_a_downgrade_needs_a_rollback(
     agent.start()
     try:
         fleet.desire(device_id, "digits", "1.0.0")
-        eventually(lambda: _serving(agent) == "1.0.0")
+        eventually(lambda: agent.serving() == "1.0.0")
         fleet.desire(device_id, "digits", "2.0.0")
-        eventually(lambda: _serving(agent) == "2.0.0")
+        eventually(lambda: agent.serving() == "2.0.0")
         inputs, label = sample
         assert agent.predict(inputs).json()["top1"] == label  # the int8 model answers too
         down = fleet.desire(device_id, "digits", "1.0.0")
         eventually(lambda: "rejected" in _states(fleet, device_id, down["seq"]))
         reason = [r for s, state, _, r in fleet.reports(device_id) if s == down["seq"]][-1]
         assert "older than the running 2.0.0" in reason
-        assert _serving(agent) == "2.0.0"
+        assert agent.serving() == "2.0.0"
         back = fleet.desire(device_id, "digits", "1.0.0", rollback=True)
         eventually(lambda: "active" in _states(fleet, device_id, back["seq"]))
-        assert _serving(agent) == "1.0.0"
+        assert agent.serving() == "1.0.0"
     finally:
         agent.stop()
 
@@ -122,9 +120,9 @@ def test_telemetry_sent_while_the_broker_is_down_arrives_once_and_in_full(
     try:
         eventually(lambda: len(_telemetry_seqs(fleet, device_id)) >= 3)
         fleet.broker.stop()  # SIGTERM: Mosquitto saves its sessions and queues
-        eventually(lambda: agent.status()["outbox_depth"] >= 5)  # batches pile up on disk
+        # Batches pile up on disk while the broker is away.
+        piled_up = eventually(lambda: max(agent.status()["outbox_depth"] - 4, 0)) + 4
         fleet.broker.start()
-        queued_at_restart = agent.status()["outbox_depth"]
         eventually(lambda: agent.status()["outbox_depth"] < 2, timeout=60)
     finally:
         agent.stop()
@@ -134,14 +132,44 @@ def test_telemetry_sent_while_the_broker_is_down_arrives_once_and_in_full(
     def delivered() -> list[int]:
         return _telemetry_seqs(fleet, device_id)
 
-    eventually(lambda: len(delivered()) == last - 1000 - left)
-    assert delivered() == list(range(1001, last - left + 1))  # no gap, none twice
+    # What is left in the outbox may have reached the server too, unacknowledged at the stop.
+    eventually(lambda: len(delivered()) >= last - 1000 - left)
+    seqs = delivered()
+    assert seqs == list(range(1001, 1001 + len(seqs)))  # from the first, no gap, none twice
+    assert seqs[-1] >= last - left
     query = "SELECT count(*) FROM health_samples WHERE device_id = :d"
     health_rows = fleet.sql(query, d=device_id)[0][0]
     assert health_rows == len(delivered())  # each batch stored once
-    assert queued_at_restart >= 5
+    assert piled_up >= 5
 
 
 def _telemetry_seqs(fleet: Fleet, device_id: str) -> list[int]:
     query = "SELECT seq FROM seen_messages WHERE device_id = :d AND stream = 'telemetry'"
     return [seq for (seq,) in fleet.sql(query + " ORDER BY seq", d=device_id)]
+
+
+def test_a_malformed_desired_state_is_refused_and_reported(
+    fleet: Fleet, digits: DigitsBundles, tmp_path: Path
+) -> None:
+    device_id, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
+    agent.start()
+    try:
+        fleet.desire(device_id, "digits", "1.0.0")
+        eventually(lambda: agent.serving() == "1.0.0")
+        # Only the server may write a desired state; it is the one that could send garbage.
+        server = load_server_credentials(fleet.data_dir / "broker" / CREDENTIALS_FILE)
+        sender = DeviceClient("127.0.0.1", fleet.broker.port, server.username, server.password)
+        assert sender.connect(), sender.connect_reason
+        sender.publish(Topics().desired(device_id), b'{"schema_version": 1, "seq": "two"}')
+        sender.close()
+
+        def refusal() -> str | None:
+            rows = [r for s, state, _, r in fleet.reports(device_id) if state == "rejected"]
+            return rows[-1] if rows else None
+
+        assert "DesiredState payload" in eventually(refusal)
+        assert agent.serving() == "1.0.0"  # still serving, still listening
+        fleet.desire(device_id, "digits", "2.0.0")
+        eventually(lambda: agent.serving() == "2.0.0")
+    finally:
+        agent.stop()

@@ -17,7 +17,14 @@ import pytest
 
 from edge_agent.model import load_model
 from edge_agent.serving import Predictor
-from edge_agent.update.machine import UpdateMachine, load_record
+from edge_agent.update.machine import (
+    MAX_ATTEMPTS,
+    Record,
+    UpdateMachine,
+    load_record,
+    save_record,
+)
+from edge_agent.update.states import RESTING, TRANSITIONS, Event, next_state
 from protocol.manifest import ArrayData, SignedManifest, read_manifest
 from protocol.messages import DesiredState, ModelTarget, UpdateReport, UpdateState
 from protocol.schema import encode
@@ -310,3 +317,39 @@ def test_shadow_runs_the_candidate_beside_the_active_model_then_promotes_it(
     assert len(artifacts.requests) == requests
     assert device.serving() == "2.0.0"
     assert device.predictor.shadow is None
+
+
+def test_every_working_state_has_a_way_out_on_failure() -> None:
+    for state in UpdateState:
+        if state not in RESTING or state is S.IDLE:
+            assert (state, Event.FAILED) in TRANSITIONS, state
+    assert next_state(S.SWITCHING, Event.FAILED) is S.ROLLING_BACK
+
+
+def test_an_update_cut_off_before_its_first_step_is_taken_up_again(
+    tmp_path: Path, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    update = desired(digits.v1, artifacts)
+    state_dir = tmp_path / "agent"
+    state_dir.mkdir()
+    # What a power cut right after taking the desired state up leaves on disk.
+    save_record(state_dir / "update.json", Record(S.IDLE, encode(update), update.seq))
+    device = _device(state_dir, load_public_key(digits.v1.public_key))
+    assert device.machine.interrupted
+    device.machine.resume()
+    assert device.serving() == "1.0.0"
+    assert device.states(update.seq)[-1] is S.ACTIVE
+
+
+def test_a_step_that_keeps_dying_fails_instead_of_looping(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    update = desired(digits.v2, artifacts)
+    record = Record(S.DOWNLOADING, encode(update), update.seq, attempts=MAX_ATTEMPTS)
+    save_record(device.state_dir / "update.json", record)
+    again = _device(device.state_dir, load_public_key(digits.v1.public_key))
+    again.machine.resume()  # the fourth start of the same step
+    assert again.machine.record.state is S.FAILED
+    assert f"interrupted {MAX_ATTEMPTS} times" in again.reason(update.seq)
+    assert again.serving() == "1.0.0"

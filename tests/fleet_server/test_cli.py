@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +10,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from fleet_server.cli import cli
+from tests.fleet import running_fleet
 from tests.fleet_server.device_client import DeviceClient
-from tests.fleet_server.mosquitto import Mosquitto, free_port
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -52,53 +47,9 @@ def test_broker_config_refuses_to_overwrite(data_dir: Path) -> None:
 def served(data_dir: Path, mosquitto_executable: str) -> Iterator[tuple[str, dict[str, str]]]:
     """broker-config, the broker it describes, and `fleet-server serve` as a real process;
     every command finds the data dir through EDGEFLEET_DATA_DIR."""
-    env = {"EDGEFLEET_DATA_DIR": str(data_dir)}
-    mqtt_port = free_port()
-    assert run("broker-config", "--port", str(mqtt_port), env=env).exit_code == 0
-    broker = Mosquitto(data_dir / "broker", mosquitto_executable)
-    broker.start()
-    http_port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleet_server.cli",
-            "serve",
-            "--port",
-            str(http_port),
-            "--mqtt-url",
-            f"mqtt://127.0.0.1:{mqtt_port}",
-        ],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        _wait_healthy(base, process)
-        yield base, env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        broker.kill()
-
-
-def _wait_healthy(base: str, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            assert process.stderr is not None
-            raise AssertionError(process.stderr.read().decode()[-2000:])
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).json()["mqtt"] == "connected":
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("fleet-server serve did not become healthy")
+    with running_fleet(data_dir.parent, mosquitto_executable) as fleet:
+        assert fleet.data_dir == data_dir
+        yield fleet.base, fleet.env
 
 
 @pytest.mark.slow

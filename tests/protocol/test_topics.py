@@ -81,8 +81,13 @@ def test_bad_prefixes(prefix: str, message: str) -> None:
         Topics(prefix)
 
 
-def test_server_subscriptions_are_shared_and_cover_what_devices_publish() -> None:
+def test_server_subscriptions_cover_what_devices_publish_shared_or_not() -> None:
     assert TOPICS.server_subscriptions() == [
+        "edgefleet/devices/+/availability",
+        "edgefleet/devices/+/reports",
+        "edgefleet/devices/+/telemetry",
+    ]
+    assert TOPICS.server_subscriptions("fleet") == [
         "$share/fleet/edgefleet/devices/+/availability",
         "$share/fleet/edgefleet/devices/+/reports",
         "$share/fleet/edgefleet/devices/+/telemetry",
