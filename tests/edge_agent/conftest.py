@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.model import LoadedModel, load_model
 from protocol.signing import generate_keypair
 from tests.bundles import Bundle, convert
 
@@ -35,3 +36,15 @@ def digits(
     )
     names = tuple((folder / "labels.txt").read_text().split())
     return DigitsBundles(v1, v2, v3, folder / "eval.npz", names)
+
+
+# One interpreter per test module: loading is cheap, but a test must not see another
+# module's interpreter state.
+@pytest.fixture(scope="module")
+def v1(digits: DigitsBundles) -> LoadedModel:
+    return load_model(digits.v1.folder)
+
+
+@pytest.fixture(scope="module")
+def v2(digits: DigitsBundles) -> LoadedModel:
+    return load_model(digits.v2.folder)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from edge_agent.local_api import LocalApi
-from edge_agent.model import LoadedModel, load_model
+from edge_agent.model import LoadedModel
 from edge_agent.serving import Predictor
 from tests.edge_agent.conftest import DigitsBundles
 from tests.edge_agent.test_serving import Recorder, failing_model, two_input_model
@@ -78,16 +78,6 @@ def assert_healthy(port: int) -> None:
 
 
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def v1(digits: DigitsBundles) -> LoadedModel:
-    return load_model(digits.v1.folder)
-
-
-@pytest.fixture(scope="module")
-def v2(digits: DigitsBundles) -> LoadedModel:
-    return load_model(digits.v2.folder)
 
 
 @pytest.fixture(scope="module")

@@ -129,16 +129,6 @@ def two_input_model(like: LoadedModel, out: Path) -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def v1(digits: DigitsBundles) -> LoadedModel:
-    return load_model(digits.v1.folder)
-
-
-@pytest.fixture(scope="module")
-def v2(digits: DigitsBundles) -> LoadedModel:
-    return load_model(digits.v2.folder)
-
-
-@pytest.fixture(scope="module")
 def eval_data(digits: DigitsBundles) -> tuple[np.ndarray, np.ndarray]:
     with np.load(digits.eval_npz) as data:
         return data["x"][:EVAL_SAMPLES], data["y"][:EVAL_SAMPLES]
