@@ -251,3 +251,14 @@ def enroll_agent(
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip(), AgentProcess(state_dir, env)
+
+
+def agent_serving(
+    fleet: Fleet, state_dir: Path, trusted_key: Path, name: str, version: str
+) -> tuple[str, AgentProcess]:
+    """An enrolled agent, running, and converged on `name` `version`."""
+    device_id, agent = enroll_agent(fleet, state_dir, trusted_key)
+    agent.start()
+    fleet.desire(device_id, name, version)
+    eventually(lambda: agent.serving() == version)
+    return device_id, agent

@@ -290,7 +290,9 @@ class UpdateMachine:
         inactive = self.slots.inactive_name()
         if desired.mode == "active" and self._slot_sha256(inactive) == desired.model.sha256:
             self._update(candidate_slot=inactive)
-            return Event.ALREADY_INSTALLED  # the shadow candidate, promoted
+            # A shadow candidate promoted, or the model the last update replaced: its
+            # bytes, signature and self-test were checked when it was installed.
+            return Event.ALREADY_INSTALLED
         self._predictor.set_shadow(None)
         return Event.DESIRED
 

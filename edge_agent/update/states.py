@@ -65,8 +65,3 @@ def next_state(state: S, event: Event) -> S:
         return TRANSITIONS[(state, event)]
     except KeyError:
         raise TransitionError(f"no transition from {state.value} on {event.value}") from None
-
-
-def start_state() -> S:
-    """Every desired state is handled from IDLE, whatever the last one ended in."""
-    return S.IDLE

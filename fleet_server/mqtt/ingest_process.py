@@ -52,7 +52,6 @@ class Outcome:
 
     accepted: Counter[TopicKind] = field(default_factory=Counter)
     refused: list[Refused] = field(default_factory=list)
-    stored: int = 0
     duplicates: int = 0
     unknown_device: int = 0
     write_failed: int = 0  # messages dropped after WRITE_ATTEMPTS failed transactions
@@ -90,7 +89,6 @@ def process_batch(sessions: Any, raw: list[RawMessage]) -> Outcome:
             log.exception("writing %d messages failed (attempt %d)", len(decoded), attempt + 1)
             time.sleep(0.5 * 2**attempt)
             continue
-        outcome.stored = result.stored
         outcome.duplicates = result.duplicates
         outcome.unknown_device = result.unknown_device
         return outcome

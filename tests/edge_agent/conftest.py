@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from edge_agent.model import LoadedModel, load_model
+from edge_agent.serving import Predictor
 from protocol.signing import generate_keypair
 from tests.bundles import Bundle, convert
+from tests.edge_agent.doubles import Recorder
 
 
 @dataclass(frozen=True)
@@ -48,3 +50,16 @@ def v1(digits: DigitsBundles) -> LoadedModel:
 @pytest.fixture(scope="module")
 def v2(digits: DigitsBundles) -> LoadedModel:
     return load_model(digits.v2.folder)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def predictor(v1: LoadedModel, recorder: Recorder) -> Predictor:
+    """A Predictor serving digits 1.0.0, its observer recording every call."""
+    predictor = Predictor(recorder)
+    predictor.activate(v1)
+    return predictor

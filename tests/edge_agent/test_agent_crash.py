@@ -13,7 +13,7 @@ import pytest
 from edge_agent.update.machine import FAULT_ENV
 from protocol.manifest import semver_key
 from tests.edge_agent.conftest import DigitsBundles
-from tests.fleet import AgentProcess, Fleet, enroll_agent, eventually, running_fleet
+from tests.fleet import AgentProcess, Fleet, agent_serving, eventually, running_fleet
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,8 @@ def test_a_kill_at_any_step_ends_on_the_old_or_the_new_model(
     with running_fleet(tmp_path, mosquitto_executable) as fleet:
         for bundle in (digits.v1, digits.v2, digits.v3):
             fleet.upload(bundle)
-        device_id, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
-        agent.start()
-        fleet.desire(device_id, "digits", "1.0.0")
-        eventually(lambda: agent.serving() == "1.0.0")
+        state_dir, key = tmp_path / "agent", digits.v1.public_key
+        device_id, agent = agent_serving(fleet, state_dir, key, "digits", "1.0.0")
         # Three versions in turn: the target is never the one serving nor the previous
         # one (kept in the other slot, it would be switched to without a download).
         versions = ["1.0.0", "2.0.0", "3.0.0"]

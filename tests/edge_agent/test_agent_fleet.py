@@ -14,7 +14,7 @@ import pytest
 from fleet_server.broker import CREDENTIALS_FILE, load_server_credentials
 from protocol.topics import Topics
 from tests.edge_agent.conftest import DigitsBundles
-from tests.fleet import Fleet, enroll_agent, eventually, running_fleet
+from tests.fleet import Fleet, agent_serving, enroll_agent, eventually, running_fleet
 from tests.fleet_server.device_client import DeviceClient
 
 pytestmark = pytest.mark.slow
@@ -86,11 +86,9 @@ def test_an_agent_converges_on_its_desired_model_and_reports_telemetry(
 def test_an_update_switches_models_and_a_downgrade_needs_a_rollback(
     fleet: Fleet, digits: DigitsBundles, tmp_path: Path, sample: tuple[list[object], int]
 ) -> None:
-    device_id, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
-    agent.start()
+    state_dir, key = tmp_path / "agent", digits.v1.public_key
+    device_id, agent = agent_serving(fleet, state_dir, key, "digits", "1.0.0")
     try:
-        fleet.desire(device_id, "digits", "1.0.0")
-        eventually(lambda: agent.serving() == "1.0.0")
         fleet.desire(device_id, "digits", "2.0.0")
         eventually(lambda: agent.serving() == "2.0.0")
         inputs, label = sample
@@ -151,11 +149,9 @@ def _telemetry_seqs(fleet: Fleet, device_id: str) -> list[int]:
 def test_a_malformed_desired_state_is_refused_and_reported(
     fleet: Fleet, digits: DigitsBundles, tmp_path: Path
 ) -> None:
-    device_id, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
-    agent.start()
+    state_dir, key = tmp_path / "agent", digits.v1.public_key
+    device_id, agent = agent_serving(fleet, state_dir, key, "digits", "1.0.0")
     try:
-        fleet.desire(device_id, "digits", "1.0.0")
-        eventually(lambda: agent.serving() == "1.0.0")
         # Only the server may write a desired state; it is the one that could send garbage.
         server = load_server_credentials(fleet.data_dir / "broker" / CREDENTIALS_FILE)
         sender = DeviceClient("127.0.0.1", fleet.broker.port, server.username, server.password)

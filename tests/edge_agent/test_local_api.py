@@ -22,7 +22,7 @@ from edge_agent.local_api import LocalApi
 from edge_agent.model import LoadedModel
 from edge_agent.serving import Predictor
 from tests.edge_agent.conftest import DigitsBundles
-from tests.edge_agent.test_serving import Recorder, failing_model, two_input_model
+from tests.edge_agent.doubles import Recorder, failing_model, two_input_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("tensorflow", "keras", "fastapi", "pydantic", "sqlalchemy", "starlette", "flask")
@@ -84,18 +84,6 @@ def assert_healthy(port: int) -> None:
 def samples(digits: DigitsBundles) -> tuple[np.ndarray, np.ndarray]:
     with np.load(digits.eval_npz) as data:
         return data["x"][:50], data["y"][:50]
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def predictor(v1: LoadedModel, recorder: Recorder) -> Predictor:
-    predictor = Predictor(recorder)
-    predictor.activate(v1)
-    return predictor
 
 
 @pytest.fixture

@@ -6,61 +6,24 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import dataclasses
 import logging
 import threading
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from edge_agent import serving
-from edge_agent.model import LoadedModel, Prediction, load_model
-from edge_agent.runtime import InputShapeError, ModelRunner, TensorInfo
+from edge_agent.model import LoadedModel, Prediction
+from edge_agent.runtime import InputShapeError, TensorInfo
 from edge_agent.serving import NoModelError, Predictor, UnknownPredictionError
-from protocol.manifest import TensorSpec
 from tests.edge_agent.conftest import DigitsBundles
+from tests.edge_agent.doubles import Recorder, failing_model, two_input_model
 
 EVAL_SAMPLES = 200
 
 
-# --- helpers shared with test_local_api -----------------------------------------------------
-
-
-class Recorder:
-    """A PredictionObserver that keeps every call, for the tests to inspect."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.predictions: list[tuple[LoadedModel, Prediction, list[np.ndarray]]] = []
-        self.errors: list[LoadedModel] = []
-        self.shadows: list[tuple[LoadedModel, LoadedModel, int | None, int | None]] = []
-        self.feedback: list[tuple[str, str, bool]] = []
-
-    def on_prediction(
-        self, model: LoadedModel, prediction: Prediction, inputs: list[np.ndarray]
-    ) -> None:
-        with self.lock:
-            self.predictions.append((model, prediction, inputs))
-
-    def on_error(self, model: LoadedModel) -> None:
-        with self.lock:
-            self.errors.append(model)
-
-    def on_shadow(
-        self,
-        active: LoadedModel,
-        candidate: LoadedModel,
-        active_top1: int | None,
-        candidate_top1: int | None,
-    ) -> None:
-        with self.lock:
-            self.shadows.append((active, candidate, active_top1, candidate_top1))
-
-    def on_feedback(self, model_name: str, model_version: str, correct: bool) -> None:
-        with self.lock:
-            self.feedback.append((model_name, model_version, correct))
+# --- helpers -------------------------------------------------------------------------------
 
 
 class BrokenObserver:
@@ -87,44 +50,6 @@ class BrokenObserver:
         raise RuntimeError("telemetry bug in on_feedback")
 
 
-class FailingRunner(ModelRunner):
-    """A real runner whose invoke fails, as a model with a broken op would at run time."""
-
-    def invoke_once(self, inputs: Any) -> list[np.ndarray]:
-        raise RuntimeError("tensor arena exhausted")
-
-
-def failing_model(bundle: Path) -> LoadedModel:
-    model = load_model(bundle)
-    return LoadedModel(FailingRunner(bundle / model.manifest.model.path), model.manifest, bundle)
-
-
-def two_input_model(like: LoadedModel, out: Path) -> LoadedModel:
-    """A real two-input classifier (4 + 3 features -> 3 labelled classes)."""
-    import tensorflow as tf
-
-    tf.keras.utils.set_random_seed(0)
-    first = tf.keras.Input((4,), name="first")
-    second = tf.keras.Input((3,), name="second")
-    joined = tf.keras.layers.Concatenate()([first, second])
-    hidden = tf.keras.layers.Dense(8, activation="relu")(joined)
-    probabilities = tf.keras.layers.Dense(3, activation="softmax")(hidden)
-    keras_model = tf.keras.Model([first, second], probabilities)
-    flatbuffer = bytes(tf.lite.TFLiteConverter.from_keras_model(keras_model).convert())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model.tflite").write_bytes(flatbuffer)
-    runner = ModelRunner(out / "model.tflite")
-    manifest = dataclasses.replace(
-        like.manifest,
-        name="pair",
-        version="0.1.0",
-        inputs=tuple(TensorSpec(i.name, i.shape, i.dtype) for i in runner.inputs),
-        outputs=tuple(TensorSpec(o.name, o.shape, o.dtype) for o in runner.outputs),
-        labels=("red", "green", "blue"),
-    )
-    return LoadedModel(runner, manifest, out)
-
-
 # --- fixtures -------------------------------------------------------------------------------
 
 
@@ -137,18 +62,6 @@ def eval_data(digits: DigitsBundles) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def pair(v1: LoadedModel, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return two_input_model(v1, tmp_path_factory.mktemp("pair"))
-
-
-@pytest.fixture
-def recorder() -> Recorder:
-    return Recorder()
-
-
-@pytest.fixture
-def predictor(v1: LoadedModel, recorder: Recorder) -> Predictor:
-    predictor = Predictor(recorder)
-    predictor.activate(v1)
-    return predictor
 
 
 # --- answers --------------------------------------------------------------------------------
