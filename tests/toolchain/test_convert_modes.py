@@ -164,7 +164,8 @@ def test_auto_objective_latency_keeps_the_fastest(
     candidates = summary["candidates"]
     assert isinstance(candidates, list)
     passing = [c for c in candidates if c["passed"]]
-    fastest = min(passing, key=lambda c: c["benchmark"]["p50_ms"])
+    # Tabular invokes take a microsecond or two, so p50s often tie; the smaller one wins.
+    fastest = min(passing, key=lambda c: (c["benchmark"]["p50_ms"], c["size_bytes"]))
     assert summary["label"] == fastest["label"]
 
 
