@@ -134,6 +134,7 @@ class Agent:
 
     def status(self) -> dict[str, Any]:
         record = self.machine.record if self.machine is not None else None
+        self.predictor.fold()  # so the counts include every prediction answered
         return {
             "agent_version": self.version,
             "device_id": self.config.credentials.device_id if self.config.credentials else None,
@@ -204,6 +205,7 @@ class Agent:
     def _queue_telemetry(self) -> None:
         device = self._device_id()
         now = time.time()
+        self.predictor.fold()  # predictions still queued belong to this window
         inference, accuracy, shadow = self.telemetry.flush(now)
         health = self.health.sample(now)
         if device is None:

@@ -9,11 +9,13 @@ the operator's own choice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
+from edge_agent.classify import Classifier
 from edge_agent.runtime import ModelRunner
 from protocol.manifest import Manifest, read_manifest
 
@@ -36,6 +38,10 @@ class LoadedModel:
     def labels(self) -> tuple[str, ...] | None:
         return self.manifest.labels
 
+    @cached_property
+    def classifier(self) -> Classifier:
+        return Classifier.for_manifest(self.manifest)
+
 
 def load_model(
     folder: Path, *, threads: int | None = None, runtime: str | None = None
@@ -46,24 +52,103 @@ def load_model(
     return LoadedModel(runner, manifest, folder)
 
 
-@dataclass(frozen=True)
 class Prediction:
-    prediction_id: str  # unique across processes and devices; the key for later feedback
-    outputs: tuple[np.ndarray, ...]  # real (dequantized) values, one array per model output
-    top1: int | None  # argmax of the first output, for classifiers; None otherwise
-    label: str | None  # labels[top1] when the manifest has labels
-    confidence: float | None  # the first output's value at top1, when it is a probability
-    model_name: str
-    model_version: str
-    latency_ms: float  # the inference alone, as telemetry reports it
+    """One answer of the active model.
+
+    Built on every request, so it holds only what the inference produced; the prediction
+    id and the reading of the first output as a class are worked out when first asked for.
+    """
+
+    __slots__ = ("_answer", "_prefix", "latency_ms", "model", "number", "outputs")
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        outputs: tuple[np.ndarray, ...],
+        latency_ms: float,
+        number: int,
+        prefix: str,
+    ) -> None:
+        self.model = model
+        self.outputs = outputs  # real (dequantized) values, one read-only array per output
+        self.latency_ms = latency_ms  # the inference alone, as telemetry reports it
+        self.number = number  # the issuing Predictor's sequence number
+        self._prefix = prefix
+        self._answer: tuple[int | None, float | None] | None = None
+
+    @property
+    def prediction_id(self) -> str:
+        """Unique across processes and devices; the key for later feedback."""
+        return f"{self._prefix}{self.number:016x}"
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def model_version(self) -> str:
+        return self.model.version
+
+    @property
+    def top1(self) -> int | None:
+        """argmax of the first output, for classifiers; None otherwise."""
+        return self._read()[0]
+
+    @property
+    def confidence(self) -> float | None:
+        """The first output's value at top1, when that output is a probability distribution."""
+        return self._read()[1]
+
+    @property
+    def label(self) -> str | None:
+        """labels[top1] when the manifest has labels."""
+        top1, labels = self._read()[0], self.model.labels
+        return labels[top1] if labels and top1 is not None and top1 < len(labels) else None
+
+    def _read(self) -> tuple[int | None, float | None]:
+        answer = self._answer
+        if answer is None:
+            answer = (
+                (None, None) if not self.outputs else self.model.classifier.one(self.outputs[0])
+            )
+            self._answer = answer
+        return answer
+
+    def __repr__(self) -> str:
+        return (
+            f"Prediction({self.prediction_id}, {self.model_name} {self.model_version}, "
+            f"top1={self.top1}, confidence={self.confidence}, latency_ms={self.latency_ms:.3f})"
+        )
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """What serving tells telemetry about a run of one model's predictions.
+
+    Serving hands predictions over in batches (see `edge_agent.serving.FOLD_EVERY`) so
+    that the per-prediction bookkeeping is a few numpy operations over many of them.
+    """
+
+    latencies_ms: np.ndarray  # float64, one per prediction
+    top1: np.ndarray  # int64, classify.NO_CLASS where the output names no class
+    confidence: np.ndarray  # float64, NaN where the output is not a distribution
+    non_finite: np.ndarray  # bool: an output value was NaN or infinite
+    # A systematic sample of the inputs, one in the observer's drift_sample_every: each a
+    # private copy of one sample's arrays (one per model input, with the batch axis).
+    inputs: tuple[tuple[np.ndarray, ...], ...]
+
+    def __len__(self) -> int:
+        return len(self.latencies_ms)
 
 
 class PredictionObserver(Protocol):
-    """What serving tells telemetry. Called on the request's thread: keep it cheap."""
+    """What serving tells telemetry. Called on a request's thread: keep it cheap."""
 
-    def on_prediction(
-        self, model: LoadedModel, prediction: Prediction, inputs: list[np.ndarray]
-    ) -> None: ...
+    # Hand over a copy of one input in this many (0: none), for drift statistics.
+    @property
+    def drift_sample_every(self) -> int: ...
+
+    def on_predictions(self, model: LoadedModel, batch: PredictionBatch) -> None: ...
 
     def on_error(self, model: LoadedModel) -> None: ...
 

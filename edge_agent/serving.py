@@ -4,34 +4,41 @@
 (which runs on the same inputs so that the update machine can judge it, but never answers).
 Switching models must not stall traffic, so no lock is ever held across an inference except
 the one that belongs to the model's own interpreter.
+
+A request does as little as it can beyond the inference: it prepares the input, runs it,
+and queues the prediction. Every FOLD_EVERY predictions (and before each telemetry flush,
+or when feedback asks for one not yet folded) the queue is folded: the predictions are
+read as classes with numpy, all at once, remembered for feedback, and handed to the
+observer in one batch per model. Doing that per request cost as much as the inference
+itself on a small model.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
 import operator
+import re
 import secrets
 import threading
 import time
 import weakref
-from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 
-from edge_agent.model import LoadedModel, Prediction, PredictionObserver
+from edge_agent.classify import NO_CLASS, non_finite
+from edge_agent.model import LoadedModel, Prediction, PredictionBatch, PredictionObserver
 from edge_agent.runtime import InputShapeError, ModelRunner, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-# How far from 1.0 a float output may sum and still be read as a probability distribution.
-# Score vectors up to this long are read in plain Python (see _classify_small).
-SMALL_VECTOR = 64
-PROBABILITY_TOLERANCE = 1e-3
+# Predictions queued before a request folds them (the cost of a fold is mostly fixed).
+FOLD_EVERY = 1024
+# Sampled inputs queued before a request folds them, so large inputs cannot pile up.
+FOLD_MAX_SAMPLE_BYTES = 4 << 20
 
 
 class NoModelError(RuntimeError):
@@ -63,23 +70,26 @@ def _lock_for(runner: ModelRunner) -> threading.Lock:
         return lock
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _Slot:
-    """A model together with its interpreter's lock, looked up once when it is installed."""
+    """A model installed in a Predictor: what every request needs of it, looked up once,
+    and the predictions it answered that wait for the next fold."""
 
     model: LoadedModel
     lock: threading.Lock
+    prepare: Callable[[Any], list[np.ndarray]]
+    run: Callable[[Sequence[np.ndarray]], tuple[np.ndarray, ...]]
+    # Requests append, only a fold (under the fold lock) takes from the front: each list
+    # operation is atomic, so the queue needs no lock of its own.
+    queue: list[Prediction] = field(default_factory=list)
+    samples: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+    sample_bytes: int = 0
+    retired: bool = False  # replaced as the active model; set under the switch lock
 
-
-@dataclass(frozen=True)
-class _Issued:
-    """What feedback needs to know about a prediction after the model may have changed."""
-
-    model_name: str
-    model_version: str
-    top1: int | None
-    labels: tuple[str, ...] | None
-    classes: int
+    @classmethod
+    def of(cls, model: LoadedModel) -> _Slot:
+        runner = model.runner
+        return cls(model, _lock_for(runner), _preparer(runner), runner.hot_path())
 
 
 # --- preparing one sample -------------------------------------------------------------------
@@ -151,76 +161,75 @@ def _prepare(runner: ModelRunner, inputs: Any) -> list[np.ndarray]:
     ]
 
 
-# One random prefix per process and a counter: ids unique across restarts and devices, at a
-# fraction of uuid4's cost (which reads the OS's randomness on every prediction).
-_ID_PREFIX = secrets.token_hex(8)
-_ID_COUNTER = itertools.count(1)
+def _preparer(runner: ModelRunner) -> Callable[[Any], list[np.ndarray]]:
+    """_prepare for this runner, with a shortcut for the usual request: one array, already
+    of the input's dtype and shape (with or without the batch axis)."""
+    if len(runner.inputs) != 1:
+        return lambda inputs: _prepare(runner, inputs)
+    info = runner.inputs[0]
+    dtype, shape = _real_dtype(info), info.shape
+    unbatched = shape[1:] if shape[:1] == (1,) else None
+
+    def prepare(inputs: Any) -> list[np.ndarray]:
+        # Not checked for C order: set_tensor copies a strided array correctly. An array of
+        # the dtype in native byte order has the very dtype object; any other takes the
+        # long way, which casts it.
+        if type(inputs) is np.ndarray and inputs.dtype is dtype:
+            if inputs.shape == shape:
+                return [inputs]
+            if inputs.shape == unbatched:
+                return [inputs[None]]
+        return _prepare(runner, inputs)
+
+    return prepare
 
 
-def _prediction_id() -> str:
-    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+# --- remembering answers for feedback -------------------------------------------------------
 
 
-# --- reading a classifier's answer ----------------------------------------------------------
+@dataclass(frozen=True)
+class _Issued:
+    """What feedback needs to know about the model that answered, after it may have gone."""
+
+    model_name: str
+    model_version: str
+    labels: tuple[str, ...] | None
+    classes: int
 
 
-def _classify(
-    first: np.ndarray, labels: tuple[str, ...] | None, info: TensorInfo | None = None
-) -> tuple[int | None, float | None, int]:
-    """(top1, confidence, number of classes) from the first output of one sample.
+class _Memory:
+    """The top-1 answers of the last `size` predictions: prediction n sits at n % size."""
 
-    `info` describes the output tensor: a quantized output's values sit on a grid of width
-    `scale`, so a dequantized softmax sums to 1 only within half a step per class.
-    """
-    scores = np.asarray(first, dtype=np.float64)
-    if scores.size == 0 or scores.size != scores.shape[-1]:
-        # Anything but one vector of scores (a sequence, an image) has no single top-1 class.
-        return None, None, 0
-    scores = scores.reshape(-1)
-    classes = scores.size
-    if 1 < classes <= SMALL_VECTOR:
-        answer = _classify_small(scores.tolist(), info)
-        if answer is not None:
-            return answer
-    finite = bool(np.isfinite(scores).all())
-    in_unit = finite and bool(((scores >= 0.0) & (scores <= 1.0)).all())
-    if classes == 1:
-        if labels is None:
-            return None, None, 0  # one unlabelled value: a regression, not a class
-        score = float(scores[0])
-        if in_unit:
-            top1 = 1 if score >= 0.5 else 0
-            return top1, (score if top1 == 1 else 1.0 - score), max(len(labels), 2)
-        if len(labels) == 2 and finite:
-            # A single logit for a two-label model: class 1 where sigmoid(logit) >= 0.5.
-            return (1 if score >= 0.0 else 0), None, 2
-        return 0, None, len(labels)
-    top1 = int(np.argmax(scores))
-    tolerance = PROBABILITY_TOLERANCE
-    if info is not None and info.quantized:
-        tolerance += classes * info.scale / 2
-    if in_unit and abs(float(scores.sum()) - 1.0) <= tolerance:
-        return top1, float(scores[top1]), classes
-    return top1, None, classes
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._numbers = np.zeros(size, dtype=np.int64)  # 0: empty (numbers start at 1)
+        self._top1 = np.full(size, NO_CLASS, dtype=np.int64)
+        self._issuers = np.zeros(size, dtype=np.int32)
+        self._issued: list[_Issued] = []
+        self._issuer_index: dict[tuple[str, str], int] = {}
 
+    def store(self, model: LoadedModel, numbers: np.ndarray, top1: np.ndarray) -> None:
+        if self.size == 0:
+            return
+        key = (model.name, model.version)
+        index = self._issuer_index.get(key)
+        if index is None:
+            issued = _Issued(model.name, model.version, model.labels, model.classifier.classes)
+            index = self._issuer_index[key] = len(self._issued)
+            self._issued.append(issued)
+        slots = numbers % self.size
+        self._numbers[slots] = numbers
+        self._top1[slots] = top1
+        self._issuers[slots] = index
 
-def _classify_small(
-    scores: list[float], info: TensorInfo | None
-) -> tuple[int | None, float | None, int] | None:
-    """_classify for a short vector of finite scores, in plain Python: numpy's per-call
-    overhead on a handful of numbers costs more than the arithmetic, on every prediction.
-    None when a score is not finite: _classify's numpy path decides those."""
-    total = math.fsum(scores)
-    if not math.isfinite(total):
-        return None
-    classes = len(scores)
-    top1 = max(range(classes), key=scores.__getitem__)  # the first of equal maxima, as argmax
-    tolerance = PROBABILITY_TOLERANCE
-    if info is not None and info.quantized:
-        tolerance += classes * info.scale / 2
-    if min(scores) >= 0.0 and scores[top1] <= 1.0 and abs(total - 1.0) <= tolerance:
-        return top1, scores[top1], classes
-    return top1, None, classes
+    def find(self, number: int) -> tuple[_Issued, int | None] | None:
+        if self.size == 0:
+            return None
+        slot = number % self.size
+        if self._numbers[slot] != number:
+            return None
+        top1 = int(self._top1[slot])
+        return self._issued[self._issuers[slot]], (None if top1 == NO_CLASS else top1)
 
 
 def _label_index(label: object, issued: _Issued) -> int:
@@ -262,27 +271,35 @@ class Predictor:
     def __init__(
         self, observer: PredictionObserver | None = None, *, max_remembered: int = 10_000
     ) -> None:
+        """`max_remembered`: feedback is taken for the last this many predictions."""
         if max_remembered < 0:
             raise ValueError(f"max_remembered must not be negative, got {max_remembered}")
         self._observer = observer
-        self._max_remembered = max_remembered
-        # Guards only the two references; held for an assignment or a read, never an invoke.
+        self._sample_every = observer.drift_sample_every if observer is not None else 0
+        self._keeping = observer is not None or max_remembered > 0
+        # A random prefix and a counter: ids unique across restarts and devices, at a
+        # fraction of uuid4's cost (which reads the OS's randomness on every prediction).
+        self._prefix = secrets.token_hex(8)
+        self._id_pattern = re.compile(re.escape(self._prefix) + "([0-9a-f]{16})")
+        self._numbers = itertools.count(1)
+        # The active and shadow slots, swapped as one reference so a request reads both
+        # without a lock; the lock only orders the writers.
+        self._serving: tuple[_Slot | None, _Slot | None] = (None, None)
         self._switch = threading.Lock()
-        self._active: _Slot | None = None
-        self._shadow: _Slot | None = None
-        self._issued: OrderedDict[str, _Issued] = OrderedDict()
-        self._issued_lock = threading.Lock()
+        self._queued: list[_Slot] = []  # slots whose predictions may await a fold
+        self._fold_lock = threading.Lock()
+        self._memory = _Memory(max_remembered)
         self._observer_failures: set[str] = set()
         self._shadow_failure_logged_for: LoadedModel | None = None
 
     @property
     def active(self) -> LoadedModel | None:
-        slot = self._active
+        slot = self._serving[0]
         return slot.model if slot is not None else None
 
     @property
     def shadow(self) -> LoadedModel | None:
-        slot = self._shadow
+        slot = self._serving[1]
         return slot.model if slot is not None else None
 
     def activate(self, model: LoadedModel | None) -> LoadedModel | None:
@@ -290,16 +307,21 @@ class Predictor:
 
         Requests already running finish on the model they started with.
         """
-        slot = _Slot(model, _lock_for(model.runner)) if model is not None else None
+        slot = _Slot.of(model) if model is not None else None
         with self._switch:
-            previous, self._active = self._active, slot
+            previous, shadow = self._serving
+            self._serving = (slot, shadow)
+            if previous is not None:
+                previous.retired = True
+            if slot is not None and self._keeping:
+                self._queued.append(slot)
         return previous.model if previous is not None else None
 
     def set_shadow(self, candidate: LoadedModel | None) -> None:
         """Run `candidate` beside the active model on every request (None stops it)."""
-        slot = _Slot(candidate, _lock_for(candidate.runner)) if candidate is not None else None
+        slot = _Slot.of(candidate) if candidate is not None else None
         with self._switch:
-            self._shadow = slot
+            self._serving = (self._serving[0], slot)
 
     def predict(self, inputs: np.ndarray | Sequence[np.ndarray]) -> Prediction:
         """Run one sample on the active model.
@@ -307,18 +329,15 @@ class Predictor:
         Raises NoModelError when nothing is loaded, InputShapeError for inputs of the wrong
         number, shape or dtype, and whatever the runtime raised when the invoke fails.
         """
-        with self._switch:
-            active, shadow = self._active, self._shadow
+        active, shadow = self._serving
         if active is None:
             raise NoModelError("no model is loaded")
         model = active.model
-        arrays = _prepare(model.runner, inputs)
+        arrays = active.prepare(inputs)
         with active.lock:
             start = time.perf_counter()
             try:
-                outputs = model.runner.invoke_once(arrays)
-            except InputShapeError:
-                raise  # the caller's mistake, not the model's
+                outputs = active.run(arrays)
             except Exception:
                 self._notify("on_error", model)
                 raise
@@ -326,39 +345,40 @@ class Predictor:
         for output in outputs:
             # Observers and callers share these arrays; none of them may change another's view.
             output.setflags(write=False)
-        first_info = model.runner.outputs[0] if model.runner.outputs else None
-        top1, confidence, classes = (
-            _classify(outputs[0], model.labels, first_info) if outputs else (None, None, 0)
-        )
-        labels = model.labels
-        label = labels[top1] if labels and top1 is not None and top1 < len(labels) else None
-        prediction = Prediction(
-            prediction_id=_prediction_id(),
-            outputs=tuple(outputs),
-            top1=top1,
-            label=label,
-            confidence=confidence,
-            model_name=model.name,
-            model_version=model.version,
-            latency_ms=latency_ms,
-        )
-        self._remember(prediction, labels, classes)
-        self._notify("on_prediction", model, prediction, arrays)
+        prediction = Prediction(model, outputs, latency_ms, next(self._numbers), self._prefix)
+        if self._keeping:
+            queue = active.queue
+            queue.append(prediction)
+            every = self._sample_every
+            if every and prediction.number % every == 0:
+                self._sample(active, arrays)
+            if active.retired:
+                # Switched away while this request ran: a fold may already have passed
+                # this slot for the last time, so this request folds it itself.
+                with self._fold_lock:
+                    self._fold_slot(active)
+            elif len(queue) >= FOLD_EVERY:
+                self._fold_unless_busy()
         if shadow is not None:
-            self._run_shadow(model, shadow, inputs, top1)
+            self._run_shadow(prediction, shadow, inputs)
         return prediction
 
-    def _run_shadow(
-        self, active: LoadedModel, shadow: _Slot, inputs: Any, active_top1: int | None
-    ) -> None:
+    def _sample(self, slot: _Slot, arrays: list[np.ndarray]) -> None:
+        # A copy: the caller may reuse its buffer for the next frame before the fold.
+        copies = tuple(np.array(a) for a in arrays)
+        slot.samples.append(copies)
+        slot.sample_bytes += sum(a.nbytes for a in copies)  # a lost race only delays a fold
+        if slot.sample_bytes >= FOLD_MAX_SAMPLE_BYTES:
+            self._fold_unless_busy()
+
+    def _run_shadow(self, prediction: Prediction, shadow: _Slot, inputs: Any) -> None:
         candidate = shadow.model
         try:
             # Prepared again: the candidate may want another dtype (or, wrongly, shape).
-            arrays = _prepare(candidate.runner, inputs)
+            arrays = shadow.prepare(inputs)
             with shadow.lock:
-                outputs = candidate.runner.invoke_once(arrays)
-            info = candidate.runner.outputs[0] if candidate.runner.outputs else None
-            top1 = _classify(outputs[0], candidate.labels, info)[0] if outputs else None
+                outputs = shadow.run(arrays)
+            top1 = candidate.classifier.one(outputs[0])[0] if outputs else None
         except Exception:
             if self._shadow_failure_logged_for is not candidate:
                 self._shadow_failure_logged_for = candidate
@@ -370,20 +390,60 @@ class Predictor:
                 )
             self._notify("on_error", candidate)
             return
-        self._notify("on_shadow", active, candidate, active_top1, top1)
+        self._notify("on_shadow", prediction.model, candidate, prediction.top1, top1)
 
-    def _remember(
-        self, prediction: Prediction, labels: tuple[str, ...] | None, classes: int
-    ) -> None:
-        if self._max_remembered == 0:
+    # --- folding ---
+
+    def fold(self) -> None:
+        """Hand every prediction queued so far to feedback and to the observer. The agent
+        calls this before each telemetry flush; requests call it as the queue fills."""
+        with self._fold_lock:
+            self._fold()
+
+    def _fold_unless_busy(self) -> None:
+        # A request that finds another one folding goes on: that fold, or the next, will
+        # take what it queued.
+        if self._fold_lock.acquire(blocking=False):
+            try:
+                self._fold()
+            finally:
+                self._fold_lock.release()
+
+    def _fold(self) -> None:
+        with self._switch:
+            slots = [(slot, slot.retired) for slot in self._queued]
+        for slot, _ in slots:
+            self._fold_slot(slot)
+        # A slot already retired before it was drained is done with: a request appending
+        # to it after the drain began checks `retired` afterwards, sees it, and folds the
+        # slot itself. (One retired only during the drain stays for the next fold.)
+        done = {id(slot) for slot, retired in slots if retired}
+        with self._switch:
+            self._queued = [slot for slot in self._queued if id(slot) not in done]
+
+    def _fold_slot(self, slot: _Slot) -> None:
+        queue, samples = slot.queue, slot.samples
+        count, sampled = len(queue), len(samples)
+        if count == 0 and sampled == 0:
             return
-        issued = _Issued(
-            prediction.model_name, prediction.model_version, prediction.top1, labels, classes
-        )
-        with self._issued_lock:
-            self._issued[prediction.prediction_id] = issued
-            while len(self._issued) > self._max_remembered:
-                self._issued.popitem(last=False)
+        group, inputs = queue[:count], tuple(samples[:sampled])
+        del queue[:count], samples[:sampled]
+        slot.sample_bytes = 0
+        model = slot.model
+        numbers = np.fromiter((p.number for p in group), dtype=np.int64, count=count)
+        latencies = np.fromiter((p.latency_ms for p in group), dtype=np.float64, count=count)
+        stacked = _stack_outputs(group)
+        if stacked is not None:
+            top1, confidence = model.classifier.many(stacked[0])
+            nan = non_finite(stacked)
+        else:
+            top1, confidence, nan = _read_one_by_one(group)
+        self._memory.store(model, numbers, top1)
+        if self._observer is not None:
+            batch = PredictionBatch(latencies, top1, confidence, nan, inputs)
+            self._notify("on_predictions", model, batch)
+
+    # --- feedback ---
 
     def feedback(self, prediction_id: str, label: int | str) -> bool:
         """Tell the agent the true label of an earlier prediction; returns whether it was right.
@@ -391,19 +451,27 @@ class Predictor:
         Raises UnknownPredictionError for an id never issued or already forgotten, and
         ValueError for a label that is out of range or not one of the model's labels.
         """
-        with self._issued_lock:
-            issued = self._issued.get(prediction_id)
-            if issued is not None:
-                self._issued.move_to_end(prediction_id)
-        if issued is None:
+        match = (
+            self._id_pattern.fullmatch(prediction_id) if isinstance(prediction_id, str) else None
+        )
+        found = None
+        if match is not None:
+            number = int(match.group(1), 16)
+            with self._fold_lock:
+                found = self._memory.find(number)
+                if found is None:
+                    self._fold()  # it may still be queued
+                    found = self._memory.find(number)
+        if found is None:
             raise UnknownPredictionError(
                 f"prediction {prediction_id!r} is unknown or has been forgotten"
             )
-        if issued.top1 is None:
+        issued, top1 = found
+        if top1 is None:
             raise ValueError(
                 f"prediction {prediction_id!r} has no top-1 class to compare a label with"
             )
-        correct = _label_index(label, issued) == issued.top1
+        correct = _label_index(label, issued) == top1
         self._notify("on_feedback", issued.model_name, issued.model_version, correct)
         return correct
 
@@ -420,3 +488,32 @@ class Predictor:
                 logger.exception(
                     "prediction observer %s failed (later failures are not logged)", method
                 )
+
+
+def _stack_outputs(group: list[Prediction]) -> list[np.ndarray] | None:
+    """Each output over the group, one flattened sample per row; None when there is nothing
+    to stack or the sizes differ between predictions (dynamically shaped outputs)."""
+    if not group or not group[0].outputs:
+        return None
+    stacked = []
+    for position, first in enumerate(group[0].outputs):
+        try:
+            # Joining the buffers is the cheap concatenate: numpy's own works per array.
+            # (numpy arrays are buffers; the stubs do not say so.)
+            joined = b"".join(cast("list[bytes]", [p.outputs[position] for p in group]))
+        except (BufferError, TypeError, ValueError):
+            return None
+        flat = np.frombuffer(joined, dtype=first.dtype)
+        if flat.size != len(group) * first.size:
+            return None
+        stacked.append(flat.reshape(len(group), -1))
+    return stacked
+
+
+def _read_one_by_one(group: list[Prediction]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    top1 = np.array([NO_CLASS if p.top1 is None else p.top1 for p in group], dtype=np.int64)
+    confidence = np.array(
+        [np.nan if p.confidence is None else p.confidence for p in group], dtype=np.float64
+    )
+    nan = np.array([bool(non_finite([o[np.newaxis] for o in p.outputs])[0]) for p in group])
+    return top1, confidence, nan.astype(bool)

@@ -1,8 +1,8 @@
 """Inference telemetry: what the served models did, window by window.
 
-`TelemetryCollector` is the `PredictionObserver` serving calls on every request thread.
-The callbacks only add to counters under one lock (the per-input work, a histogram of the
-input, is done before taking it), so they cost O(1) amortised; everything that sorts or
+`TelemetryCollector` is the `PredictionObserver` serving hands its predictions to, in
+batches (`PredictionBatch`). A batch is added with a few numpy operations under one lock
+(the histogram of the sampled inputs is made before taking it); everything that sorts or
 divides happens in `flush`, once per telemetry window.
 
 Latencies are kept in a reservoir (Vitter's algorithm R) of at most `max_latency_samples`
@@ -18,25 +18,26 @@ the reference's own bin edges, scored with the population stability index (see
 
 from __future__ import annotations
 
-import math
-import random
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge_agent.classify import Classifier
 from protocol.manifest import Manifest, ReferenceStats, check_name, semver_key
 from protocol.messages import AccuracyWindow, InferenceStats, ShadowStats
 
 if TYPE_CHECKING:
-    from edge_agent.model import LoadedModel, Prediction
+    from edge_agent.model import LoadedModel, PredictionBatch
 
 DEFAULT_ROLLING_WINDOW = 500
 DEFAULT_MAX_LATENCY_SAMPLES = 10_000
+# Drift is estimated from a systematic sample of the inputs: the histogram costs about
+# half an inference on a small model, and every 8th input describes a window's
+# distribution as well at a fraction of the price.
 DRIFT_SAMPLE_EVERY = 8
 PSI_EPSILON = 1e-4
 # window_s must be positive; a flush at (or, with a stepped clock, before) the window's
@@ -79,6 +80,7 @@ class _ModelInfo:
     reference: ReferenceStats | None
     edges: np.ndarray | None  # the reference histogram's edges, when it has a usable one
     ref_counts: np.ndarray | None
+    uniform: bool  # the edges are evenly spaced (np.histogram's own, with a bin count)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest) -> _ModelInfo:
@@ -87,20 +89,15 @@ class _ModelInfo:
         if reference is not None and len(reference.histogram_counts) > 0:
             edges = np.asarray(reference.histogram_edges, dtype=np.float64)
             counts = np.asarray(reference.histogram_counts, dtype=np.float64)
-        return cls(_num_classes(manifest), reference, edges, counts)
-
-
-def _num_classes(manifest: Manifest) -> int:
-    """As serving counts them (`edge_agent.serving._classify`): labels decide, and a single
-    labelled score is a binary classifier; without labels, a first output that is one
-    vector of K > 1 scores per sample holds K classes. A single unlabelled score could be
-    a regressor, so it counts as no classifier at all."""
-    shape = manifest.outputs[0].shape
-    last = shape[-1] if shape else 0
-    if manifest.labels:
-        return max(len(manifest.labels), 2) if last == 1 else len(manifest.labels)
-    vector = len(shape) >= 2 and all(d == 1 for d in shape[1:-1])
-    return last if vector and last > 1 else 0
+        # Classes are counted as serving reads them: 0 for a model that is no classifier.
+        uniform = (
+            edges is not None
+            and edges[-1] > edges[0]
+            and bool(
+                np.allclose(np.diff(edges), (edges[-1] - edges[0]) / (len(edges) - 1), rtol=1e-6)
+            )
+        )
+        return cls(Classifier.for_manifest(manifest).classes, reference, edges, counts, uniform)
 
 
 # --- what one prediction contributes, computed outside the lock -----------------------
@@ -113,20 +110,38 @@ class _InputSummary:
     rows: int
 
 
-def _summarise_input(info: _ModelInfo, inputs: Sequence[np.ndarray]) -> _InputSummary | None:
-    if info.edges is None or info.reference is None or not inputs:
+def _bin_indices(values: np.ndarray, edges: np.ndarray, uniform: bool) -> np.ndarray:
+    """np.histogram's bins, [e_i, e_i+1) with the last one closed, with out-of-range values
+    in the edge bins. `values` holds no NaN."""
+    bins = len(edges) - 1
+    if not uniform:
+        # Counting the inner edges at or below a value is the bin's index.
+        found: np.ndarray = np.searchsorted(edges[1:-1], values, side="right")
+        return found
+    # Even bins, as np.histogram does them: the index by arithmetic, then one step back or
+    # on where rounding put a value beside its bin's edges. A third the cost of searching.
+    clipped = np.clip(values, edges[0], edges[-1])
+    index: np.ndarray = ((clipped - edges[0]) * (bins / (edges[-1] - edges[0]))).astype(np.intp)
+    np.minimum(index, bins - 1, out=index)
+    index -= clipped < edges[index]
+    index += (clipped >= edges[index + 1]) & (index < bins - 1)
+    return index
+
+
+def _summarise_inputs(
+    info: _ModelInfo, samples: tuple[tuple[np.ndarray, ...], ...]
+) -> _InputSummary | None:
+    """The first input of every sample, binned and summed together."""
+    if info.edges is None or info.reference is None or not samples or not samples[0]:
         return None
-    values = np.asarray(inputs[0])
-    if values.dtype.kind not in "biuf":
+    if any(sample[0].dtype.kind not in "biuf" for sample in samples):
         return None
-    flat = values.astype(np.float64, copy=False).ravel()
+    flat = np.concatenate([sample[0] for sample in samples], axis=None).astype(np.float64)
     finite = bool(np.isfinite(flat).all())
     # Out-of-range values (infinities too) land in the edge bins; NaN has no bin at all.
     binned = flat if finite else flat[~np.isnan(flat)]
     bins = len(info.edges) - 1
-    # side="right" minus one gives np.histogram's bins: [e_i, e_i+1), the last one closed.
-    index = np.clip(np.searchsorted(info.edges, binned, side="right") - 1, 0, bins - 1)
-    histogram = np.bincount(index, minlength=bins)
+    histogram = np.bincount(_bin_indices(binned, info.edges, info.uniform), minlength=bins)
     width = len(info.reference.mean)
     if not finite or width == 0 or flat.size % width:
         return _InputSummary(histogram, None, 0)
@@ -134,13 +149,6 @@ def _summarise_input(info: _ModelInfo, inputs: Sequence[np.ndarray]) -> _InputSu
     # reshape does; per feature, a sample with or without its batch axis is one row.
     rows = flat.size // width
     return _InputSummary(histogram, flat.reshape(rows, width).sum(axis=0), rows)
-
-
-def _has_non_finite(outputs: Sequence[np.ndarray]) -> bool:
-    return any(
-        a.dtype.kind in "fc" and not bool(np.isfinite(a).all())
-        for a in (np.asarray(o) for o in outputs)
-    )
 
 
 # --- per-model state -------------------------------------------------------------------
@@ -153,7 +161,8 @@ class _Window:
     classes: int
     predictions: int = 0
     errors: int = 0
-    latencies: list[float] = field(default_factory=list)
+    latencies: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the reservoir
+    latencies_kept: int = 0
     latencies_seen: int = 0
     confidence_sum: float = 0.0
     confidences: int = 0
@@ -166,28 +175,39 @@ class _Window:
     def __post_init__(self) -> None:
         self.class_counts = [0] * self.classes
 
-    def add_latency(self, latency_ms: float, bound: int, rng: random.Random) -> None:
-        if not math.isfinite(latency_ms):
-            return
-        value = max(latency_ms, 0.0)
-        self.latencies_seen += 1
+    def add_latencies(self, latencies_ms: np.ndarray, bound: int, rng: np.random.Generator) -> None:
+        """Algorithm R over the batch: the k-th latency seen replaces a random one of the
+        `bound` kept with probability bound / k."""
+        values = np.maximum(latencies_ms[np.isfinite(latencies_ms)], 0.0)
         if len(self.latencies) < bound:
-            self.latencies.append(value)
+            self.latencies = np.resize(self.latencies, bound)
+        room = min(bound - self.latencies_kept, len(values))
+        self.latencies[self.latencies_kept : self.latencies_kept + room] = values[:room]
+        self.latencies_kept += room
+        rest = values[room:]
+        seen = self.latencies_seen + room
+        self.latencies_seen += len(values)
+        if len(rest) == 0:
             return
-        slot = rng.randrange(self.latencies_seen)
-        if slot < bound:
-            self.latencies[slot] = value
+        # For the j-th of the rest, a uniform slot in [0, seen + j + 1); where two land on
+        # one slot, numpy's assignment keeps the later, as the sequential algorithm would.
+        slots = (rng.random(len(rest)) * (seen + np.arange(1, len(rest) + 1))).astype(np.int64)
+        kept = slots < bound
+        self.latencies[slots[kept]] = rest[kept]
 
-    def add_prediction(self, prediction: Prediction, nan: bool) -> None:
-        self.predictions += 1
+    def add_batch(self, batch: PredictionBatch) -> int:
+        """Counts a batch of predictions; returns how many had a non-finite output."""
+        nan = int(np.count_nonzero(batch.non_finite))
+        self.predictions += len(batch)
         self.nan_outputs += nan
-        confidence = prediction.confidence
-        if confidence is not None and math.isfinite(confidence):
-            self.confidence_sum += min(max(confidence, 0.0), 1.0)
-            self.confidences += 1
-        top1 = prediction.top1
-        if top1 is not None and 0 <= top1 < self.classes:
-            self.class_counts[top1] += 1
+        confidence = batch.confidence[np.isfinite(batch.confidence)]
+        self.confidence_sum += float(np.clip(confidence, 0.0, 1.0).sum())
+        self.confidences += len(confidence)
+        top1 = batch.top1[(batch.top1 >= 0) & (batch.top1 < self.classes)]
+        if len(top1):
+            counts = np.bincount(top1, minlength=self.classes).tolist()
+            self.class_counts = [a + b for a, b in zip(self.class_counts, counts, strict=True)]
+        return nan
 
     def add_input(self, summary: _InputSummary) -> None:
         if self.histogram is None:
@@ -276,8 +296,7 @@ class TelemetryCollector:
         self.max_latency_samples = max_latency_samples
         self.started_at = time.time() if start is None else start
         self._lock = threading.Lock()
-        self._drift_seen: dict[tuple[str, str], int] = {}
-        self._rng = random.Random(seed)
+        self._rng = np.random.default_rng(seed)
         self._pending = _Pending(self.started_at)
         self._infos: dict[ModelKey, _ModelInfo] = {}
         self._totals: dict[ModelKey, _Totals] = {}
@@ -285,28 +304,18 @@ class TelemetryCollector:
 
     # --- PredictionObserver ---
 
-    def on_prediction(
-        self, model: LoadedModel, prediction: Prediction, inputs: list[np.ndarray]
-    ) -> None:
+    def on_predictions(self, model: LoadedModel, batch: PredictionBatch) -> None:
         key = (model.name, model.version)
         info = self._info(key, model.manifest)
-        # Drift is estimated from a systematic sample of the inputs: the histogram costs
-        # about half an inference on a small model, and every drift_sample_every-th input
-        # describes the window's distribution as well at a fraction of the price. (A race
-        # on this counter only shifts which inputs are sampled.)
-        seen = self._drift_seen.get(key, 0)
-        self._drift_seen[key] = seen + 1
-        sampled = seen % self.drift_sample_every == 0
-        summary = _summarise_input(info, inputs) if sampled else None
-        nan = _has_non_finite(prediction.outputs)
+        summary = _summarise_inputs(info, batch.inputs)
         with self._lock:
             window = self._window(key, info)
-            window.add_prediction(prediction, nan)
-            window.add_latency(prediction.latency_ms, self.max_latency_samples, self._rng)
+            nan = window.add_batch(batch)
+            window.add_latencies(batch.latencies_ms, self.max_latency_samples, self._rng)
             if summary is not None:
                 window.add_input(summary)
             totals = self._totals_for(key)
-            totals.predictions += 1
+            totals.predictions += len(batch)
             totals.nan_outputs += nan
 
     def on_error(self, model: LoadedModel) -> None:
@@ -377,7 +386,7 @@ class TelemetryCollector:
         """How many latencies the current window holds (at most `max_latency_samples`)."""
         with self._lock:
             window = self._pending.windows.get((name, version))
-            return 0 if window is None else len(window.latencies)
+            return 0 if window is None else window.latencies_kept
 
     def summary(self) -> dict[str, Any]:
         """For the local health API: per model version seen since start, its counts, rolling
@@ -436,7 +445,7 @@ class TelemetryCollector:
                 totals = self._totals_for(key)
                 totals.drift_score = drift if drift is not None else totals.drift_score
                 totals.mean_shift = shift if shift is not None else totals.mean_shift
-        p50, p95, p99 = _percentiles(window.latencies)
+        p50, p95, p99 = _percentiles(window.latencies[: window.latencies_kept])
         confidence = window.confidence_sum / window.confidences if window.confidences else None
         return InferenceStats(
             ts=now,
@@ -455,13 +464,13 @@ class TelemetryCollector:
         )
 
 
-def _percentiles(latencies: list[float]) -> tuple[float, float, float]:
+def _percentiles(latencies: np.ndarray) -> tuple[float, float, float]:
     """p50, p95, p99 with numpy's linear interpolation, as the benchmark reports them.
 
     A window of failures only has no latency, yet the contract wants one whenever count
     is positive: it reports 0.0, as no inference completed.
     """
-    if not latencies:
+    if len(latencies) == 0:
         return 0.0, 0.0, 0.0
     p50, p95, p99 = (float(v) for v in np.percentile(latencies, [50, 95, 99]))
     # Interpolation may round p95 an ulp past p99; the contract wants them ordered.

@@ -5,31 +5,38 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_agent.model import LoadedModel, Prediction, load_model
+from edge_agent.model import LoadedModel, PredictionBatch, load_model
 from edge_agent.runtime import ModelRunner
 from protocol.manifest import TensorSpec
 
 
 class Recorder:
-    """A PredictionObserver that keeps every call, for the tests to inspect."""
+    """A PredictionObserver that keeps every call, for the tests to inspect. It asks for
+    every input, so that each prediction's input reaches it."""
+
+    drift_sample_every = 1
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.predictions: list[tuple[LoadedModel, Prediction, list[np.ndarray]]] = []
+        self.batches: list[tuple[LoadedModel, PredictionBatch]] = []
         self.errors: list[LoadedModel] = []
         self.shadows: list[tuple[LoadedModel, LoadedModel, int | None, int | None]] = []
         self.feedback: list[tuple[str, str, bool]] = []
 
-    def on_prediction(
-        self, model: LoadedModel, prediction: Prediction, inputs: list[np.ndarray]
-    ) -> None:
+    def predicted(self) -> int:
+        """How many predictions the folds so far handed over."""
         with self.lock:
-            self.predictions.append((model, prediction, inputs))
+            return sum(len(batch) for _, batch in self.batches)
+
+    def on_predictions(self, model: LoadedModel, batch: PredictionBatch) -> None:
+        with self.lock:
+            self.batches.append((model, batch))
 
     def on_error(self, model: LoadedModel) -> None:
         with self.lock:
@@ -53,8 +60,11 @@ class Recorder:
 class FailingRunner(ModelRunner):
     """A real runner whose invoke fails, as a model with a broken op would at run time."""
 
-    def invoke_once(self, inputs: Any) -> list[np.ndarray]:
+    def run(self, arrays: Any) -> tuple[np.ndarray, ...]:
         raise RuntimeError("tensor arena exhausted")
+
+    def hot_path(self) -> Callable[[Any], tuple[np.ndarray, ...]]:
+        return self.run
 
 
 def failing_model(bundle: Path) -> LoadedModel:

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 
 from edge_agent import serving
-from edge_agent.model import LoadedModel, Prediction
-from edge_agent.runtime import InputShapeError, TensorInfo
+from edge_agent.classify import NO_CLASS, Classifier
+from edge_agent.model import LoadedModel, Prediction, PredictionBatch
+from edge_agent.runtime import InputShapeError
 from edge_agent.serving import NoModelError, Predictor, UnknownPredictionError
+from protocol.manifest import TensorSpec
 from tests.edge_agent.conftest import DigitsBundles
 from tests.edge_agent.doubles import Recorder, failing_model, two_input_model
 
@@ -29,10 +31,10 @@ EVAL_SAMPLES = 200
 class BrokenObserver:
     """Every hook raises, as a buggy telemetry module might."""
 
-    def on_prediction(
-        self, model: LoadedModel, prediction: Prediction, inputs: list[np.ndarray]
-    ) -> None:
-        raise RuntimeError("telemetry bug in on_prediction")
+    drift_sample_every = 1
+
+    def on_predictions(self, model: LoadedModel, batch: PredictionBatch) -> None:
+        raise RuntimeError("telemetry bug in on_predictions")
 
     def on_error(self, model: LoadedModel) -> None:
         raise RuntimeError("telemetry bug in on_error")
@@ -113,21 +115,107 @@ def test_input_with_or_without_batch_axis_and_as_lists(
         assert answer.top1 == answers[0].top1
 
 
-def test_observer_sees_each_prediction_with_its_inputs(
+def test_observer_gets_the_predictions_at_a_fold_with_copies_of_their_inputs(
     predictor: Predictor, recorder: Recorder, v1: LoadedModel, eval_data: Any
 ) -> None:
-    sample = eval_data[0][0]
-    prediction = predictor.predict(sample)
-    assert len(recorder.predictions) == 1
-    model, seen, inputs = recorder.predictions[0]
+    x = eval_data[0][:20]
+    buffer = np.array(x[0])
+    predictions = []
+    for sample in x:
+        buffer[...] = sample  # one buffer reused for every request, as a camera loop does
+        predictions.append(predictor.predict(buffer))
+    assert recorder.batches == []  # queued, not yet folded
+
+    predictor.fold()
+
+    [(model, batch)] = recorder.batches
     assert model is v1
-    assert seen is prediction
-    assert len(inputs) == 1
-    assert inputs[0].shape == (1, 8, 8, 1)
-    assert inputs[0].dtype == np.float32
-    np.testing.assert_array_equal(inputs[0][0], sample)
+    assert len(batch) == len(x)
+    assert batch.latencies_ms.tolist() == [p.latency_ms for p in predictions]
+    assert batch.top1.tolist() == [p.top1 for p in predictions]
+    confidences = [float(p.confidence or np.nan) for p in predictions]
+    np.testing.assert_allclose(batch.confidence, confidences, rtol=1e-6)
+    assert not batch.non_finite.any()
+    assert len(batch.inputs) == len(x)  # the recorder asks for every input
+    for sampled, sample in zip(batch.inputs, x, strict=True):
+        [array] = sampled
+        assert array.shape == (1, 8, 8, 1)
+        assert array.dtype == np.float32
+        np.testing.assert_array_equal(array[0], sample)
     assert recorder.errors == []
     assert recorder.shadows == []
+    predictor.fold()
+    assert len(recorder.batches) == 1  # nothing is handed over twice
+
+
+def test_a_full_queue_folds_on_the_request_that_fills_it(
+    predictor: Predictor, recorder: Recorder, eval_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serving, "FOLD_EVERY", 8)
+    for sample in eval_data[0][:20]:
+        predictor.predict(sample)
+    assert [len(batch) for _, batch in recorder.batches] == [8, 8]
+    predictor.fold()
+    assert recorder.predicted() == 20
+
+
+def test_inputs_are_sampled_for_drift_one_in_every_few(
+    v1: LoadedModel, recorder: Recorder, eval_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recorder, "drift_sample_every", 4)
+    predictor = Predictor(recorder)
+    predictor.activate(v1)
+    x = eval_data[0][:12]
+    predictions = [predictor.predict(sample) for sample in x]
+    predictor.fold()
+    [(_, batch)] = recorder.batches
+    sampled = [i for i, p in enumerate(predictions) if p.number % 4 == 0]
+    assert len(sampled) == 3
+    for (array,), i in zip(batch.inputs, sampled, strict=True):
+        np.testing.assert_array_equal(array[0], x[i])
+
+
+def test_a_prediction_ending_on_a_replaced_model_after_its_last_fold_is_folded(
+    predictor: Predictor, recorder: Recorder, v1: LoadedModel, v2: LoadedModel, eval_data: Any
+) -> None:
+    slot = predictor._serving[0]
+    assert slot is not None
+    prepared = threading.Event()
+    prepare = slot.prepare
+
+    def signalling_prepare(inputs: Any) -> list[np.ndarray]:
+        prepared.set()
+        return prepare(inputs)
+
+    slot.prepare = signalling_prepare
+    answers: list[Prediction] = []
+    # Holding v1's interpreter lock keeps the request inside its inference on v1 while the
+    # model is replaced and a fold drains v1's queue for the last time.
+    with serving._lock_for(v1.runner):
+        worker = threading.Thread(target=lambda: answers.append(predictor.predict(eval_data[0][0])))
+        worker.start()
+        assert prepared.wait(60)
+        predictor.activate(v2)
+        predictor.fold()
+        assert recorder.batches == []
+    worker.join(60)
+    assert [a.model_version for a in answers] == ["1.0.0"]
+    assert [(model, len(batch)) for model, batch in recorder.batches] == [(v1, 1)]
+
+
+def test_predictions_queued_on_a_replaced_model_are_folded_as_that_model(
+    predictor: Predictor, recorder: Recorder, v1: LoadedModel, v2: LoadedModel, eval_data: Any
+) -> None:
+    x = eval_data[0]
+    for sample in x[:5]:
+        predictor.predict(sample)
+    predictor.activate(v2)
+    for sample in x[5:8]:
+        predictor.predict(sample)
+    predictor.fold()
+    assert [(model, len(batch)) for model, batch in recorder.batches] == [(v1, 5), (v2, 3)]
+    predictor.fold()
+    assert recorder.predicted() == 8
 
 
 def test_outputs_cannot_be_changed_behind_the_observers_back(
@@ -209,7 +297,8 @@ def test_bad_inputs_raise_input_shape_error(
         predictor.predict(inputs)
     # A caller's mistake says nothing about the model's health.
     assert recorder.errors == []
-    assert recorder.predictions == []
+    predictor.fold()
+    assert recorder.predicted() == 0
 
 
 def test_nan_inputs_reach_the_model(predictor: Predictor) -> None:
@@ -240,7 +329,8 @@ def test_runner_failure_is_reported_and_raised(digits: DigitsBundles, recorder: 
     with pytest.raises(RuntimeError, match="tensor arena exhausted"):
         predictor.predict(np.zeros((8, 8, 1)))
     assert recorder.errors == [broken]
-    assert recorder.predictions == []
+    predictor.fold()
+    assert recorder.predicted() == 0
 
 
 def test_observer_failures_never_fail_requests_and_are_logged_once(
@@ -254,8 +344,8 @@ def test_observer_failures_never_fail_requests_and_are_logged_once(
             prediction = predictor.predict(sample)
             assert isinstance(predictor.feedback(prediction.prediction_id, 3), bool)
     failures = [r.getMessage() for r in caplog.records if "observer" in r.getMessage()]
-    assert len(failures) == 3  # on_prediction, on_shadow, on_feedback: once each
-    assert {m.split()[2] for m in failures} == {"on_prediction", "on_shadow", "on_feedback"}
+    assert len(failures) == 3  # on_predictions, on_shadow, on_feedback: once each
+    assert {m.split()[2] for m in failures} == {"on_predictions", "on_shadow", "on_feedback"}
 
 
 # --- switching models -----------------------------------------------------------------------
@@ -356,7 +446,8 @@ def test_shadow_candidate_runs_but_the_active_model_answers(
     agreement = np.mean([a == c for _, _, a, c in recorder.shadows])
     assert agreement >= 0.9
     # Telemetry hears of the answer once; the candidate's run is reported only as a shadow.
-    assert len(recorder.predictions) == len(x)
+    predictor.fold()
+    assert [(model, len(batch)) for model, batch in recorder.batches] == [(v1, len(x))]
 
     predictor.set_shadow(None)
     predictor.predict(x[0])
@@ -377,7 +468,8 @@ def test_failing_shadow_candidate_never_fails_the_request(
     assert [p.model_version for p in predictions] == ["1.0.0"] * 3
     assert recorder.shadows == []
     assert recorder.errors == [broken] * 3
-    assert len(recorder.predictions) == 3
+    predictor.fold()
+    assert recorder.predicted() == 3
     assert len([r for r in caplog.records if "shadow candidate" in r.getMessage()]) == 1
 
 
@@ -455,23 +547,47 @@ def test_feedback_for_an_unknown_or_forgotten_id(v1: LoadedModel, eval_data: Any
     predictor.activate(v1)
     with pytest.raises(UnknownPredictionError, match="'nope' is unknown"):
         predictor.feedback("nope", 1)
-    first, second = (predictor.predict(s) for s in eval_data[0][:2])
-    # Feedback counts as use, so `second` is now the least recently used.
-    predictor.feedback(first.prediction_id, 0)
-    third = predictor.predict(eval_data[0][2])
+    first, second, third = (predictor.predict(s) for s in eval_data[0][:3])
+    # Only the last two are remembered, folded or not.
     with pytest.raises(UnknownPredictionError, match="unknown or has been forgotten"):
-        predictor.feedback(second.prediction_id, 0)
-    predictor.feedback(first.prediction_id, 0)
+        predictor.feedback(first.prediction_id, 0)
+    predictor.feedback(second.prediction_id, 0)
+    predictor.fold()
     predictor.feedback(third.prediction_id, 0)
+    # An id of the right form from another agent (or an earlier run of this one).
+    other = Predictor()
+    other.activate(v1)
+    foreign = other.predict(eval_data[0][0]).prediction_id
+    with pytest.raises(UnknownPredictionError, match="unknown or has been forgotten"):
+        predictor.feedback(foreign, 0)
+    forged = third.prediction_id[:16] + f"{third.number + 1:016x}"
+    with pytest.raises(UnknownPredictionError):
+        predictor.feedback(forged, 0)
+
+
+def test_nothing_is_remembered_with_max_remembered_zero(v1: LoadedModel, eval_data: Any) -> None:
+    predictor = Predictor(max_remembered=0)
+    predictor.activate(v1)
+    prediction = predictor.predict(eval_data[0][0])
+    with pytest.raises(UnknownPredictionError):
+        predictor.feedback(prediction.prediction_id, 0)
 
 
 # --- reading a classifier's output ----------------------------------------------------------
 
-_INT8_SOFTMAX = TensorInfo("probabilities", 0, (1, 4), (-1, 4), "int8", 1 / 256, -128)
+_INT8_SOFTMAX = TensorSpec("probabilities", (-1, 4), "int8", 1 / 256, -128)
+
+
+def classifier(
+    output: Any, labels: tuple[str, ...] | None, spec: TensorSpec | None
+) -> tuple[Classifier, np.ndarray]:
+    array = np.asarray(output, dtype=np.float32)
+    spec = spec or TensorSpec("y", (-1, *array.shape[1:]), "float32")
+    return Classifier.for_output(spec, labels), array
 
 
 @pytest.mark.parametrize(
-    ("output", "labels", "info", "expected"),
+    ("output", "labels", "spec", "expected"),
     [
         ([[0.1, 0.7, 0.2]], None, None, (1, 0.7, 3)),
         ([[2.0, -1.0, 0.5]], None, None, (0, None, 3)),  # logits
@@ -481,20 +597,55 @@ _INT8_SOFTMAX = TensorInfo("probabilities", 0, (1, 4), (-1, 4), "int8", 1 / 256,
         ([[0.5]], ("no", "yes"), None, (1, 0.5, 2)),
         ([[-2.0]], ("no", "yes"), None, (0, None, 2)),  # a single logit
         ([[3.0]], ("no", "yes"), None, (1, None, 2)),
+        ([[3.0]], ("yes",), None, (0, None, 2)),  # one label: not a logit
+        ([[np.nan]], ("no", "yes"), None, (0, None, 2)),
         ([[0.4]], None, None, (None, None, 0)),  # regression
         (np.zeros((1, 4, 4)), None, None, (None, None, 0)),  # not one vector of scores
         ([[np.nan, 0.5]], None, None, (0, None, 2)),
+        ([[0.5, np.inf, 0.1]], None, None, (1, None, 3)),
+        ([[0.1, 0.7, 0.2]], ("a", "b"), None, (1, 0.7, 2)),  # labels decide the classes
         # Sums to 0.995: off by more than 1e-3, yet within half an int8 step per class.
         ([[0.5, 0.25, 0.125, 0.12]], None, _INT8_SOFTMAX, (0, 0.5, 4)),
         ([[0.5, 0.25, 0.125, 0.12]], None, None, (0, None, 4)),
     ],
 )
 def test_top1_and_confidence(
-    output: Any, labels: tuple[str, ...] | None, info: TensorInfo | None, expected: Any
+    output: Any, labels: tuple[str, ...] | None, spec: TensorSpec | None, expected: Any
 ) -> None:
-    top1, confidence, classes = serving._classify(np.asarray(output), labels, info)
-    assert (top1, classes) == (expected[0], expected[2])
+    reader, array = classifier(output, labels, spec)
+    top1, confidence = reader.one(array)
+    assert (top1, reader.classes) == (expected[0], expected[2])
     if expected[1] is None:
         assert confidence is None
     else:
         assert confidence == pytest.approx(expected[1])
+    # The batch reading agrees, alone and among other samples.
+    stack = np.concatenate([array, array, array])
+    many_top1, many_confidence = reader.many(stack)
+    assert many_top1.tolist() == [NO_CLASS if top1 is None else top1] * 3
+    if confidence is None:
+        assert np.isnan(many_confidence).all()
+    else:
+        np.testing.assert_allclose(many_confidence, confidence, rtol=1e-6)
+
+
+def test_one_and_many_agree_on_real_and_random_outputs(v1: LoadedModel, v2: LoadedModel) -> None:
+    rng = np.random.default_rng(0)
+    with np.errstate(over="ignore"):
+        logits = rng.normal(0, 5, (300, 10)).astype(np.float32)
+        softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    odd = rng.choice([0.0, 1.0, -1.0, np.nan, np.inf, 0.5], size=(100, 10)).astype(np.float32)
+    for model in (v1, v2):
+        reader = model.classifier
+        outputs = np.concatenate([logits, softmax, odd])
+        real = np.concatenate(
+            [model.runner.invoke_once([rng.random((1, 8, 8, 1), np.float32)])[0] for _ in range(50)]
+        )
+        for stack in (outputs, real):
+            top1, confidence = reader.many(stack)
+            for row, t, c in zip(stack, top1.tolist(), confidence.tolist(), strict=True):
+                one = reader.one(row[np.newaxis])
+                assert one[0] == (None if t == NO_CLASS else t)
+                assert (one[1] is None) == np.isnan(c)
+                if one[1] is not None:
+                    assert one[1] == pytest.approx(c, rel=1e-6)

@@ -11,19 +11,21 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 import pytest
 
-from edge_agent.model import LoadedModel, Prediction, PredictionObserver, load_model
+from edge_agent.classify import NO_CLASS, non_finite
+from edge_agent.model import LoadedModel, PredictionBatch, PredictionObserver, load_model
 from edge_agent.runtime import ModelRunner
+from edge_agent.serving import Predictor
 from edge_agent.telemetry import (
     MIN_WINDOW_S,
     PSI_EPSILON,
     TelemetryCollector,
+    _bin_indices,
     population_stability_index,
 )
 from protocol.manifest import Manifest
@@ -96,25 +98,26 @@ def model(
     return LoadedModel(cast(ModelRunner, None), manifest, Path("unused"))
 
 
-def prediction(
-    m: LoadedModel,
-    *,
-    latency_ms: float = 1.0,
-    top1: int | None = 0,
-    confidence: float | None = 0.9,
-    outputs: tuple[np.ndarray, ...] = (np.array([[0.9, 0.05, 0.05]], dtype=np.float32),),
-) -> Prediction:
-    return Prediction("0" * 32, outputs, top1, None, confidence, m.name, m.version, latency_ms)
-
-
 def observe(
     collector: TelemetryCollector,
     m: LoadedModel,
     inputs: list[np.ndarray] | None = None,
-    **kwargs: Any,
+    *,
+    latency_ms: float = 1.0,
+    top1: int | None = 0,
+    confidence: float | None = 0.9,
+    non_finite: bool = False,
 ) -> None:
+    """One prediction, handed over as serving hands its folds: a batch of one."""
     x = [np.zeros((1, 2), dtype=np.float32)] if inputs is None else inputs
-    collector.on_prediction(m, prediction(m, **kwargs), x)
+    batch = PredictionBatch(
+        latencies_ms=np.array([latency_ms]),
+        top1=np.array([NO_CLASS if top1 is None else top1]),
+        confidence=np.array([np.nan if confidence is None else confidence]),
+        non_finite=np.array([non_finite]),
+        inputs=(tuple(x),),
+    )
+    collector.on_predictions(m, batch)
 
 
 def only_stats(collector: TelemetryCollector, now: float) -> InferenceStats:
@@ -129,7 +132,7 @@ def only_stats(collector: TelemetryCollector, now: float) -> InferenceStats:
 def test_collector_is_a_prediction_observer() -> None:
     # mypy checks the assignment: the collector is a PredictionObserver.
     observer: PredictionObserver = TelemetryCollector(start=START, drift_sample_every=1)
-    assert callable(observer.on_prediction)
+    assert callable(observer.on_predictions)
 
 
 def test_agent_modules_import_nothing_heavy() -> None:
@@ -210,13 +213,17 @@ def test_class_counts_length_follows_serving(
 def test_nan_and_infinite_outputs_are_counted() -> None:
     collector = TelemetryCollector(start=START, drift_sample_every=1)
     m = model()
-    nan = (np.array([[np.nan, 0.5, 0.5]], dtype=np.float32),)
-    inf = (np.array([[0.5, 0.5, 0.0]]), np.array([[-np.inf]], dtype=np.float32))
-    ints = (np.array([[3, 0, 0]], dtype=np.int8),)
-    for outputs in (nan, inf, ints, ints):
-        observe(collector, m, outputs=outputs)
+    for flagged in (True, True, False, False):
+        observe(collector, m, non_finite=flagged)
 
     assert only_stats(collector, START + 1.0).nan_outputs == 2
+
+
+def test_non_finite_flags_each_sample_with_any_nan_or_infinity() -> None:
+    nan = np.array([[np.nan, 0.5, 0.5], [0.1, 0.2, 0.7], [0.5, 0.5, 0.0]], dtype=np.float32)
+    second = np.array([[0.0], [-np.inf], [1.0]], dtype=np.float32)
+    ints = np.array([[3], [0], [0]], dtype=np.int8)  # integers have no NaN
+    assert non_finite([nan, second, ints]).tolist() == [True, True, False]
 
 
 def test_errors_are_counted_in_count() -> None:
@@ -500,28 +507,11 @@ def test_summary_keeps_counts_since_start() -> None:
 
 
 def serve(collector: TelemetryCollector, m: LoadedModel, x: np.ndarray) -> list[int | None]:
-    """What serving does per request: one sample through invoke_once, then the observer."""
-    answers: list[int | None] = []
-    for i in range(len(x)):
-        inputs = [x[i : i + 1]]
-        began = time.perf_counter()
-        outputs = m.runner.invoke_once(inputs)
-        latency_ms = (time.perf_counter() - began) * 1000.0
-        scores = outputs[0][0]
-        top1 = int(scores.argmax())
-        label = None if m.labels is None else m.labels[top1]
-        result = Prediction(
-            f"{i:032x}",
-            tuple(outputs),
-            top1,
-            label,
-            float(scores[top1]),
-            m.name,
-            m.version,
-            latency_ms,
-        )
-        collector.on_prediction(m, result, inputs)
-        answers.append(top1)
+    """Serving as the agent does it: every sample through a Predictor, folded at the end."""
+    predictor = Predictor(collector)
+    predictor.activate(m)
+    answers = [predictor.predict(sample).top1 for sample in x]
+    predictor.fold()
     return answers
 
 
@@ -588,14 +578,36 @@ def test_drift_is_large_on_shifted_inputs(digits: DigitsBundles) -> None:
     assert collector.summary()["models"][0]["drift_score"] == shifted.drift_score
 
 
-def test_drift_takes_one_input_in_every_few() -> None:
+def test_drift_is_measured_on_the_sampled_inputs_of_a_batch() -> None:
     collector = TelemetryCollector(start=START, drift_sample_every=4)
     m = model(ref=reference([0.0, 0.5, 1.0], [50, 50], mean=[0.5, 0.5], std=[0.1, 0.1]))
-    for n in range(8):  # inputs 0 and 4 are sampled: both low, so one bin holds everything
-        value = 0.25 if n % 4 == 0 else 0.75
-        observe(collector, m, [np.array([[value, value]], dtype=np.float32)])
+    # Eight predictions, of which serving sampled two inputs: both low.
+    low = (np.array([[0.25, 0.25]], dtype=np.float32),)
+    batch = PredictionBatch(
+        latencies_ms=np.ones(8),
+        top1=np.zeros(8, dtype=np.int64),
+        confidence=np.full(8, 0.9),
+        non_finite=np.zeros(8, dtype=bool),
+        inputs=(low, low),
+    )
+    collector.on_predictions(m, batch)
     stats = only_stats(collector, START + 1.0)
     assert stats.count == 8
-    # Every input would give half and half, like the reference: a PSI of 0.
-    only_low = population_stability_index(np.array([2, 0]), np.array([50, 50]))
+    only_low = population_stability_index(np.array([4, 0]), np.array([50, 50]))
     assert stats.drift_score == pytest.approx(only_low)
+
+
+def test_even_bins_by_arithmetic_match_a_search_of_the_edges() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        low, high = sorted(rng.normal(0.0, 10.0, 2))
+        _, edges = np.histogram(rng.uniform(low, high, 50), bins=int(rng.integers(1, 40)))
+        values = np.concatenate(
+            [rng.uniform(low - 1.0, high + 1.0, 200), edges, [np.inf, -np.inf, low, high]]
+        )
+        searched = _bin_indices(values, edges, uniform=False)
+        assert searched.tolist() == _bin_indices(values, edges, uniform=True).tolist()
+        # Both are np.histogram's bins, out-of-range values in the edge bins.
+        inside = values[(values >= edges[0]) & (values <= edges[-1])]
+        counts = np.bincount(_bin_indices(inside, edges, uniform=True), minlength=len(edges) - 1)
+        assert counts.tolist() == np.histogram(inside, bins=edges)[0].tolist()
