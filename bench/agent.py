@@ -125,7 +125,9 @@ def _in_process_costs(
     predictor = Predictor(TelemetryCollector())
     predictor.activate(model)
     bare = _bare_call(model.runner.interpreter, image)
-    rounds = _interleaved({"bare": bare, "in": lambda: predictor.predict(image), **more})
+    # Both take the sample as the bare loop holds it: float32, with its batch axis.
+    sample = image[np.newaxis].astype(np.float32)
+    rounds = _interleaved({"bare": bare, "in": lambda: predictor.predict(sample), **more})
     times = {path: median(values) for path, values in rounds.items()}
     ratios = {
         path: median(t / b for t, b in zip(values, rounds["bare"], strict=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import operator
 import re
 import secrets
@@ -84,12 +85,18 @@ class _Slot:
     queue: list[Prediction] = field(default_factory=list)
     samples: list[tuple[np.ndarray, ...]] = field(default_factory=list)
     sample_bytes: int = 0
+    input_bytes: int = 0  # one sample's inputs as the runner takes them
     retired: bool = False  # replaced as the active model; set under the switch lock
 
     @classmethod
     def of(cls, model: LoadedModel) -> _Slot:
         runner = model.runner
-        return cls(model, _lock_for(runner), _preparer(runner), runner.hot_path())
+        input_bytes = sum(
+            math.prod(info.shape) * _real_dtype(info).itemsize for info in runner.inputs
+        )
+        return cls(
+            model, _lock_for(runner), _preparer(runner), runner.hot_path(), input_bytes=input_bytes
+        )
 
 
 # --- preparing one sample -------------------------------------------------------------------
@@ -365,9 +372,9 @@ class Predictor:
 
     def _sample(self, slot: _Slot, arrays: list[np.ndarray]) -> None:
         # A copy: the caller may reuse its buffer for the next frame before the fold.
-        copies = tuple(np.array(a) for a in arrays)
+        copies = (arrays[0].copy(),) if len(arrays) == 1 else tuple(a.copy() for a in arrays)
         slot.samples.append(copies)
-        slot.sample_bytes += sum(a.nbytes for a in copies)  # a lost race only delays a fold
+        slot.sample_bytes += slot.input_bytes  # a lost race only delays a fold
         if slot.sample_bytes >= FOLD_MAX_SAMPLE_BYTES:
             self._fold_unless_busy()
 
