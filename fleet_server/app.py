@@ -9,11 +9,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.base import RequestResponseEndpoint
 
-from fleet_server.api import artifacts, devices, models, system
+from fleet_server.api import artifacts, devices, models, rollouts, system
 from fleet_server.blobs import BlobStore
 from fleet_server.db import make_engine, make_sessions
 from fleet_server.metrics import Metrics
 from fleet_server.migrate import upgrade
+from fleet_server.rollouts.controller import RolloutController
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
 from fleet_server.state import DesiredPublisher, FleetState
@@ -59,9 +60,15 @@ def create_app(
             from fleet_server.mqtt.runtime import start_mqtt
 
             bridge = start_mqtt(state)
+        controller = None
+        if settings.rollout_interval_s > 0:
+            controller = RolloutController(state, settings.rollout_interval_s)
+            controller.start()
         try:
             yield
         finally:
+            if controller is not None:
+                controller.stop()
             if bridge is not None:
                 bridge.stop()
             state.engine.dispose()
@@ -73,7 +80,13 @@ def create_app(
         docs_url="/docs",
     )
     app.state.fleet = state
-    for router in (devices.router, models.router, artifacts.router, system.router):
+    for router in (
+        devices.router,
+        models.router,
+        artifacts.router,
+        rollouts.router,
+        system.router,
+    ):
         app.include_router(router)
 
     @app.middleware("http")

@@ -227,3 +227,66 @@ class AuditEvent(Base):
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str | None] = mapped_column(String(256))
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Rollout(Base):
+    """A model going out to a target in waves; the controller's whole state is here, so a
+    restarted server (or another replica) carries on where the last one stopped."""
+
+    __tablename__ = "rollouts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    # The request as accepted: target, waves, gates and what a failed gate does.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    wave: Mapped[int] = mapped_column(Integer, default=0)  # the wave under way, from 0
+    phase: Mapped[str | None] = mapped_column(String(8))  # shadow or active, within a wave
+    phase_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RolloutDevice(Base):
+    """One device of a rollout: its wave, what it ran before, and how its update went."""
+
+    __tablename__ = "rollout_devices"
+    __table_args__ = (Index("ix_rollout_devices_device_state", "device_id", "state"),)
+
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    wave: Mapped[int] = mapped_column(Integer)
+    # Execution state (pending, installing, shadow, active, failed, timed_out, reverted),
+    # kept apart from the rollout's result as hawkBit does.
+    state: Mapped[str] = mapped_column(String(16))
+    deployment_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    previous_model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    assigned_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    switched_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class RolloutEvent(Base):
+    """Every decision the controller or an operator took, with its numbers."""
+
+    __tablename__ = "rollout_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    rollout_id: Mapped[int] = mapped_column(
+        ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
+    )
+    ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    kind: Mapped[str] = mapped_column(String(32))
+    wave: Mapped[int | None] = mapped_column(Integer)
+    message: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

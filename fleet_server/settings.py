@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=256 * 2**20, gt=0)
     telemetry_retention_days: float = Field(default=30.0, gt=0)
     desired_ttl_days: float = Field(default=7.0, gt=0)
+    # How often the rollout controller steps each running rollout; 0 turns it off (a
+    # replica that should only serve the API and ingest).
+    rollout_interval_s: float = Field(default=5.0, ge=0)
 
     def resolved_database_url(self) -> str:
         if self.database_url:

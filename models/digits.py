@@ -47,6 +47,19 @@ def fit(split: Split) -> Any:
     return compile_and_fit(build(), split, epochs=EPOCHS, batch_size=BATCH_SIZE)
 
 
-def train(out: Path, *, seed: int = 0) -> RecipeResult:
-    """Train the digits CNN and write its four files into ``out``."""
-    return run_recipe(NAME, out, seed=seed, load=load, fit=fit)
+def train(out: Path, *, seed: int = 0, shuffled_labels: bool = False) -> RecipeResult:
+    """Train the digits CNN and write its four files into ``out``.
+
+    `shuffled_labels` trains on the training labels in a random order: a deliberately
+    broken model, as a bad data pipeline would make one, for the rollout demo and tests
+    to catch. Its files (calibration, evaluation data, labels) are the honest ones.
+    """
+    if not shuffled_labels:
+        return run_recipe(NAME, out, seed=seed, load=load, fit=fit)
+
+    def fit_on_shuffled(split: Split) -> Any:
+        order = np.random.default_rng(seed).permutation(len(split.y_train))
+        broken = Split(split.x_train, split.y_train[order], split.x_test, split.y_test)
+        return fit(broken)
+
+    return run_recipe(NAME, out, seed=seed, load=load, fit=fit_on_shuffled)

@@ -102,7 +102,8 @@ class Fleet:
 @contextmanager
 def running_fleet(root: Path, mosquitto_executable: str) -> Iterator[Fleet]:
     data_dir = root / "fleet-data"
-    env = {"EDGEFLEET_DATA_DIR": str(data_dir)}
+    # The rollout controller steps often, so that waves move at the tests' pace.
+    env = {"EDGEFLEET_DATA_DIR": str(data_dir), "EDGEFLEET_ROLLOUT_INTERVAL_S": "0.3"}
     mqtt_port = free_port()
     result = CliRunner().invoke(fleet_cli, ["broker-config", "--port", str(mqtt_port)], env=env)
     assert result.exit_code == 0, result.output
