@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.bundles import DigitsBundles, digits_bundles
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_SOURCES = REPO_ROOT / "models"
 
@@ -82,3 +84,11 @@ def mosquitto_executable() -> str:
             pytrace=False,
         )
     return executable
+
+
+@pytest.fixture(scope="session")
+def digits(
+    reference_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> DigitsBundles:
+    """Real digits bundles: one publisher key, three versions."""
+    return digits_bundles(reference_models["digits"], tmp_path_factory.mktemp("digits-bundles"))

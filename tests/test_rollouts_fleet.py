@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from demo.loadgen import LoadGenerator
-from tests.bundles import Bundle, convert
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import Bundle, DigitsBundles, convert
 from tests.fleet import AgentProcess, Fleet, enroll_agent, eventually, running_fleet
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.update.machine import FAULT_ENV
 from protocol.manifest import semver_key
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import DigitsBundles
 from tests.fleet import AgentProcess, Fleet, agent_serving, eventually, running_fleet
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from fleet_server.broker import CREDENTIALS_FILE, load_server_credentials
 from protocol.topics import Topics
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import DigitsBundles
 from tests.fleet import Fleet, agent_serving, enroll_agent, eventually, running_fleet
 from tests.fleet_server.device_client import DeviceClient
 

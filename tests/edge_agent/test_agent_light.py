@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import DigitsBundles
 
 FORBIDDEN = (
     "tensorflow",

@@ -21,7 +21,7 @@ import pytest
 from edge_agent.local_api import LocalApi
 from edge_agent.model import LoadedModel
 from edge_agent.serving import Predictor
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import DigitsBundles
 from tests.edge_agent.doubles import Recorder, failing_model, two_input_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -19,7 +19,7 @@ from edge_agent.model import LoadedModel, Prediction, PredictionBatch
 from edge_agent.runtime import InputShapeError
 from edge_agent.serving import NoModelError, Predictor, UnknownPredictionError
 from protocol.manifest import TensorSpec
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import DigitsBundles
 from tests.edge_agent.doubles import Recorder, failing_model, two_input_model
 
 EVAL_SAMPLES = 200

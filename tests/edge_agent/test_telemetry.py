@@ -37,7 +37,7 @@ from protocol.messages import (
     encode_payload,
 )
 from protocol.schema import decode
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import DigitsBundles
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START = 1_790_000_000.0

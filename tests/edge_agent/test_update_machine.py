@@ -35,8 +35,7 @@ from protocol.signing import (
     load_public_key,
     sign_manifest,
 )
-from tests.bundles import Bundle
-from tests.edge_agent.conftest import DigitsBundles
+from tests.bundles import Bundle, DigitsBundles
 
 S = UpdateState
 
