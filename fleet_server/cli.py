@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from fleet_server.auth import Role
+from fleet_server.rollout_cli import rollout
 from fleet_server.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -178,6 +179,9 @@ def broker_config(out: Path | None, port: int, host: str, force: bool, **options
     credentials = write_broker_config(folder, port=port, host=host, force=force)
     click.echo(f"wrote {folder / CONFIG_FILE} (server user {credentials.username!r})")
     click.echo(f"start the broker with: mosquitto -c {folder / CONFIG_FILE}")
+
+
+cli.add_command(rollout)
 
 
 def main() -> None:

@@ -47,6 +47,18 @@ class Fleet:
     server: subprocess.Popen[bytes]
     env: dict[str, str]
     admin: dict[str, str] = field(default_factory=dict)
+    restart: Callable[[], subprocess.Popen[bytes]] | None = field(default=None, repr=False)
+
+    def kill_server(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown of any kind."""
+        self.server.kill()
+        self.server.wait()
+
+    def start_server(self) -> None:
+        """The same `fleet-server serve` again, on the same port, database and broker."""
+        assert self.restart is not None
+        self.server = self.restart()
+        eventually(lambda: _healthy(self), timeout=WAIT)
 
     def cli(self, *args: str) -> str:
         result = CliRunner().invoke(fleet_cli, list(args), env=self.env, catch_exceptions=False)
@@ -110,22 +122,13 @@ def running_fleet(root: Path, mosquitto_executable: str) -> Iterator[Fleet]:
     broker = Mosquitto(data_dir / "broker", mosquitto_executable)
     broker.start()
     http_port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fleet_server.cli",
-            "serve",
-            "--port",
-            str(http_port),
-            "--mqtt-url",
-            f"mqtt://127.0.0.1:{mqtt_port}",
-        ],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=(root / "fleet-server.log").open("wb"),
-    )
+    command = [
+        *(sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(http_port)),
+        *("--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}"),
+    ]
+    server = _serve(command, env, root / "fleet-server.log")
     fleet = Fleet(f"http://127.0.0.1:{http_port}", data_dir, broker, server, env)
+    fleet.restart = lambda: _serve(command, env, root / "fleet-server.log")
     try:
         eventually(lambda: _healthy(fleet), timeout=WAIT)
         token = fleet.cli("token", "create", "--role", "admin", "--name", "tests")
@@ -138,6 +141,15 @@ def running_fleet(root: Path, mosquitto_executable: str) -> Iterator[Fleet]:
         except subprocess.TimeoutExpired:
             server.kill()
         broker.kill()
+
+
+def _serve(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        command,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("ab"),
+    )
 
 
 def _healthy(fleet: Fleet) -> bool:
@@ -163,7 +175,8 @@ class AgentProcess:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self, **env: str) -> None:
-        self.api_port = free_port()
+        # A restart keeps its port, as a service's configuration would.
+        self.api_port = self.api_port or free_port()
         log = (self.state_dir.parent / f"{self.state_dir.name}.log").open("ab")
         self.process = subprocess.Popen(
             [
