@@ -34,17 +34,10 @@ test: $(STAMP) mosquitto
 models: $(STAMP)
 	$(PY) -m models.train --out $(MODELS_DIR)
 
-# Until the fleet demo exists: train the digits model and let edge-convert pick a quantization.
-demo: models
-	rm -rf $(DEMO_DIR)
-	$(VENV)/bin/edge-convert keygen --out $(DEMO_DIR)/keys
-	$(VENV)/bin/edge-convert convert $(MODELS_DIR)/digits/model.keras --out $(DEMO_DIR)/digits \
-		--quantize auto --calibration $(MODELS_DIR)/digits/calibration.npz \
-		--eval $(MODELS_DIR)/digits/eval.npz --labels $(MODELS_DIR)/digits/labels.txt \
-		--name digits --version 1.0.0 --signing-key $(DEMO_DIR)/keys/signing.key \
-		--layer-report $(DEMO_DIR)/digits-layers.csv
-	$(VENV)/bin/edge-convert verify $(DEMO_DIR)/digits --public-key $(DEMO_DIR)/keys/signing.pub
-	$(VENV)/bin/edge-convert inspect $(DEMO_DIR)/digits
+# The whole story: a broker, the server, five agents, a good rollout and a bad one caught.
+# `make demo DEMO_ARGS=--keep-running` leaves the fleet up to explore.
+demo: models mosquitto
+	$(PY) -m demo.run --out $(DEMO_DIR) --models-dir $(MODELS_DIR) $(DEMO_ARGS)
 
 bench: $(STAMP) mosquitto
 	$(PY) -m bench.run --out BENCHMARKS.md

@@ -44,8 +44,18 @@ def format_result(result: RecipeResult) -> str:
     help="Train just this recipe.",
 )
 @click.option("--seed", default=0, show_default=True, help="Training seed.")
-def main(out: Path, only: str | None, seed: int) -> None:
+@click.option(
+    "--shuffled-labels",
+    is_flag=True,
+    help="Train digits on shuffled labels: a deliberately broken model (for the demo).",
+)
+def main(out: Path, only: str | None, seed: int, shuffled_labels: bool) -> None:
     """Train the reference models and write each one's model, data and labels."""
+    if shuffled_labels:
+        if only != digits.NAME:
+            raise click.UsageError("--shuffled-labels goes with --only digits")
+        click.echo(format_result(digits.train(out / digits.NAME, seed=seed, shuffled_labels=True)))
+        return
     names = [only] if only else list(RECIPES)
     for name in names:
         result = RECIPES[name](out / name, seed=seed)

@@ -96,8 +96,8 @@ class GateResult:
     def describe(self) -> str:
         measured = "n/a" if self.measured is None else f"{self.measured:.4g}"
         return (
-            f"{self.gate} {self.verdict}: {measured} against {self.threshold:.4g} "
-            f"({self.evidence} of {self.needed} {self.note})"
+            f"{self.gate} {self.verdict}: {measured} against {self.threshold:.4g}, "
+            f"on {self.evidence} {self.note} (needs {self.needed})"
         )
 
 

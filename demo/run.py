@@ -1,0 +1,442 @@
+"""The whole story on one machine: `make demo` (python -m demo.run).
+
+Mosquitto on a free port, `fleet-server serve` on SQLite, five `edge-agent run` processes
+with state directories and tags of their own; the digits model trained and converted as
+v1 (float32) and v2 (int8), and a broken v3 trained on shuffled labels; v1 deployed
+everywhere, v2 rolled out in waves with accuracy and latency gates while a load generator
+sends traffic and ground truth, then v3 rolled out and caught by the accuracy gate. Each
+step is narrated; a summary table ends it. Every part runs as the product's own commands.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import contextlib
+import json
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import numpy as np
+
+from demo.loadgen import LoadGenerator
+from tests.fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
+
+AGENTS = (
+    ("cam-1", "site-a"),
+    ("cam-2", "site-a"),
+    ("cam-3", "site-b"),
+    ("cam-4", "site-b"),
+    ("cam-5", "site-b"),
+)
+GATES = {
+    "max_install_failure_ratio": 0.0,
+    "max_error_rate": 0.01,
+    "max_nan_outputs": 0,
+    "max_accuracy_drop": 0.05,
+    # Digits takes ~50 µs to run: its p95 on a shared machine is mostly scheduling noise.
+    "max_latency_ratio": 3.0,
+    "min_devices": 1,
+    "min_predictions": 100,
+    "min_labelled": 40,
+}
+WAIT_S = 120.0
+
+
+def say(text: str, *, step: bool = False) -> None:
+    if step:
+        click.echo()
+        click.secho(f"== {text}", bold=True)
+    else:
+        click.echo(f"   {text}")
+
+
+def run(*command: str | Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(
+        [str(c) for c in command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+    if result.returncode != 0:
+        raise click.ClickException(f"{' '.join(map(str, command))} failed:\n{result.stderr}")
+    return result.stdout.strip()
+
+
+def tool(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+class Fleet:
+    """The server and its broker, as processes, and the calls the demo makes to them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data_dir = root / "fleet-data"
+        self.env = {"EDGEFLEET_DATA_DIR": str(self.data_dir), "EDGEFLEET_ROLLOUT_INTERVAL_S": "0.5"}
+        self.http_port = free_port()
+        self.base = f"http://127.0.0.1:{self.http_port}"
+        self.headers: dict[str, str] = {}
+        self.broker: Mosquitto | None = None
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        executable = find_mosquitto()
+        if executable is None:
+            raise click.ClickException("mosquitto is not installed (make demo installs it)")
+        mqtt_port = free_port()
+        run(tool("fleet-server"), "broker-config", "--port", str(mqtt_port), env=self.env)
+        self.broker = Mosquitto(self.data_dir / "broker", executable)
+        self.broker.start()
+        say(f"Mosquitto on 127.0.0.1:{mqtt_port} (device ACLs by dynamic security)")
+        log = (self.root / "fleet-server.log").open("ab")
+        self.server = subprocess.Popen(
+            [
+                tool("fleet-server"),
+                *("serve", "--port", str(self.http_port)),
+                *("--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}"),
+            ],
+            env={**os.environ, **self.env},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        until(self._healthy, "the fleet server to connect to its broker")
+        token = run(
+            tool("fleet-server"),
+            "token",
+            "create",
+            "--role",
+            "admin",
+            "--name",
+            "demo",
+            env=self.env,
+        )
+        self.headers = {"Authorization": f"Bearer {token}"}
+        self.token = token
+        say(f"fleet server on {self.base} (SQLite in {self.data_dir})")
+
+    def _healthy(self) -> bool:
+        assert self.server is not None
+        if self.server.poll() is not None:
+            raise click.ClickException(f"fleet-server exited; see {self.root / 'fleet-server.log'}")
+        try:
+            return bool(httpx.get(f"{self.base}/healthz", timeout=1).json()["mqtt"] == "connected")
+        except httpx.HTTPError:
+            return False
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = httpx.request(
+            method, f"{self.base}/api/v1{path}", headers=self.headers, timeout=30, **kwargs
+        )
+        if response.status_code >= 400:
+            raise click.ClickException(f"{method} {path}: {response.status_code} {response.text}")
+        return response.json()
+
+    def upload(self, bundle: Path, public_key: Path) -> None:
+        with contextlib.suppress(click.ClickException):  # the key may be there already
+            self.call("POST", "/keys", json={"name": "demo", "public_key": public_key.read_text()})
+        files = {
+            "manifest": ("manifest.json", (bundle / "manifest.json").read_bytes()),
+            "model": ("model.tflite", (bundle / "model.tflite").read_bytes()),
+        }
+        self.call("POST", "/models", files=files)
+
+    def stop(self) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(signal.SIGTERM)
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+        if self.broker is not None:
+            self.broker.kill()
+
+
+class Agent:
+    def __init__(self, name: str, tag: str, root: Path) -> None:
+        self.name, self.tag = name, tag
+        self.state_dir = root / "agents" / name
+        self.port = free_port()
+        self.device_id = ""
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def enroll(self, fleet: Fleet, public_key: Path) -> None:
+        token = run(tool("fleet-server"), "enrollment", "create", "--tags", self.tag, env=fleet.env)
+        self.device_id = run(
+            tool("edge-agent"),
+            *("enroll", "--server", fleet.base, "--token", token),
+            *("--state-dir", self.state_dir, "--trusted-key", public_key, "--tags", self.tag),
+        )
+
+    def start(self) -> None:
+        log = (self.state_dir.parent / f"{self.name}.log").open("ab")
+        self.process = subprocess.Popen(
+            [
+                tool("edge-agent"),
+                "run",
+                "--state-dir",
+                str(self.state_dir),
+                "--api-port",
+                str(self.port),
+            ],
+            env={**os.environ, "EDGE_AGENT_TELEMETRY_INTERVAL_S": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+
+    def serving(self) -> str | None:
+        try:
+            model = (
+                httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=2).json().get("model")
+            )
+        except httpx.HTTPError:
+            return None
+        return str(model["version"]) if model else None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+def until(check: Any, what: str, timeout: float = WAIT_S) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise click.ClickException(f"gave up waiting for {what}")
+
+
+def build_models(root: Path, models_dir: Path) -> dict[str, Path]:
+    """v1 float32 and v2 int8 of the digits model, and v3 trained on shuffled labels."""
+    keys = root / "keys"
+    run(tool("edge-convert"), "keygen", "--out", keys)
+    folder = models_dir / "digits"
+    if not (folder / "model.keras").exists():
+        say("training digits (scikit-learn's 8x8 digits)")
+        run(sys.executable, "-m", "models.train", "--out", models_dir, "--only", "digits")
+    broken = root / "broken-digits"
+    say("training a broken digits model: the same network fitted to shuffled labels")
+    run(
+        sys.executable,
+        "-m",
+        "models.train",
+        "--out",
+        broken,
+        "--only",
+        "digits",
+        "--shuffled-labels",
+    )
+    broken = broken / "digits"
+    bundles = {}
+    for version, source, mode in (
+        ("1.0.0", folder, "float32"),
+        ("2.0.0", folder, "int8"),
+        ("3.0.0", broken, "float32"),
+    ):
+        out = root / "bundles" / version
+        run(
+            tool("edge-convert"),
+            *("convert", source / "model.keras", "--out", out, "--quantize", mode),
+            *("--calibration", source / "calibration.npz", "--eval", source / "eval.npz"),
+            *("--labels", source / "labels.txt", "--name", "digits", "--version", version),
+            *("--signing-key", keys / "signing.key", "--runs", "20"),
+        )
+        manifest = json.loads((out / "manifest.json").read_text())["manifest"]
+        size = manifest["model"]["size"]
+        accuracy = manifest["validation"]["tflite_accuracy"]
+        say(f"digits {version}: {mode}, {size / 1024:.0f} KiB, held-out accuracy {accuracy:.1%}")
+        bundles[version] = out
+    bundles["public_key"] = keys / "signing.pub"
+    return bundles
+
+
+def rollout(
+    fleet: Fleet, version: str, waves: list[dict[str, Any]], gates: dict[str, Any]
+) -> dict[str, Any]:
+    created = fleet.call(
+        "POST",
+        "/rollouts",
+        json={
+            "model": "digits",
+            "version": version,
+            "target": {"all": True},
+            "waves": waves,
+            "gates": gates,
+        },
+    )
+    rollout_id = created["id"]
+    sizes = " + ".join(str(w["devices"]) for w in created["waves"])
+    say(f"rollout {rollout_id}: digits {version} in {len(waves)} wave(s) of {sizes} device(s)")
+    seen = 0
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        detail = fleet.call("GET", f"/rollouts/{rollout_id}")
+        for event in detail["events"][seen:]:
+            _narrate(event)
+        seen = len(detail["events"])
+        if detail["state"] in ("completed", "rolled_back", "aborted", "paused"):
+            return dict(detail)
+        time.sleep(0.5)
+    raise click.ClickException(f"rollout {rollout_id} did not finish in {WAIT_S:.0f} s")
+
+
+@click.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("models/build"),
+    show_default=True,
+)
+@click.option("--keep-running", is_flag=True, help="Leave the fleet up to explore; Ctrl-C ends it.")
+def main(out: Path, models_dir: Path, keep_running: bool) -> None:
+    """Train, convert, deploy, roll out a good model and catch a bad one."""
+    started = time.monotonic()
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    root = out.resolve()
+    with _fleet(root) as (fleet, agents):
+        say("Models", step=True)
+        bundles = build_models(root, models_dir)
+        for version in ("1.0.0", "2.0.0", "3.0.0"):
+            fleet.upload(bundles[version], bundles["public_key"])
+        say("uploaded to the model registry; the server checked each signature")
+
+        say("Devices", step=True)
+        for agent in agents:
+            agent.enroll(fleet, bundles["public_key"])
+            agent.start()
+        say(
+            f"{len(agents)} agents enrolled and running: "
+            + ", ".join(f"{a.name} ({a.tag})" for a in agents)
+        )
+
+        say("Deploy v1 everywhere", step=True)
+        first = rollout(
+            fleet, "1.0.0", [{"percent": 100, "bake_s": 0}], {"max_install_failure_ratio": 0.0}
+        )
+        until(lambda: all(a.serving() == "1.0.0" for a in agents), "every agent to serve v1")
+        data = np.load(models_dir / "digits" / "eval.npz")
+        load = LoadGenerator([a.port for a in agents], data["x"], data["y"], rate_per_s=25).start()
+        say("load generator: 25 predictions/s per device, each followed by its true label")
+        until(lambda: _labelled(fleet, "1.0.0") >= 300, "v1's accuracy to be measured", timeout=60)
+
+        say("Roll out v2 (int8) in waves, gated on accuracy and latency", step=True)
+        good = rollout(fleet, "2.0.0", _waves(), GATES)
+        say("Roll out v3 (the broken one) the same way", step=True)
+        bad = rollout(fleet, "3.0.0", _waves(), GATES)
+        until(lambda: all(a.serving() == "2.0.0" for a in agents), "every agent back on v2")
+        load.stop()
+
+        say("Summary", step=True)
+        _summary(fleet, agents, load, [first, good, bad])
+        click.echo()
+        say(f"the server's API: {fleet.base}/docs  (token: {fleet.token})")
+        say(f"a rollout's story: fleet-server rollout --server {fleet.base} show {bad['id']}")
+        say(f"(with EDGEFLEET_TOKEN={fleet.token})")
+        say(f"finished in {time.monotonic() - started:.0f} s; logs and state under {root}")
+        if keep_running:
+            say("--keep-running: the fleet stays up; Ctrl-C to end it", step=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+
+
+def _narrate(event: dict[str, Any]) -> None:
+    kind = event["kind"]
+    if kind == "created":
+        return
+    gates = event["details"].get("gates")
+    if kind in ("gates_passed", "gates_failed") and gates:
+        verdict = "passed" if kind == "gates_passed" else "FAILED"
+        say(f"wave {event['wave'] + 1} gates {verdict}:")
+        for gate in gates:
+            measured = "n/a" if gate["measured"] is None else f"{gate['measured']:.3g}"
+            mark = {"pass": "ok", "fail": "FAIL", "wait": "wait"}[gate["verdict"]]
+            say(
+                f"  {mark:<4} {gate['gate']:<22} {measured:>7} (limit {gate['threshold']:.3g}) "
+                f"on {gate['evidence']} {gate['note']}"
+            )
+        return
+    say(event["message"])
+
+
+def _waves() -> list[dict[str, Any]]:
+    return [{"count": 1, "bake_s": 4}, {"percent": 40, "bake_s": 4}, {"percent": 100, "bake_s": 4}]
+
+
+def _labelled(fleet: Fleet, version: str) -> int:
+    """Labelled predictions the server has stored for a version (its SQLite, read-only)."""
+    uri = f"file:{fleet.data_dir / 'fleet.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        query = "SELECT COALESCE(SUM(labelled), 0) FROM accuracy_windows WHERE model_version = ?"
+        return int(db.execute(query, (version,)).fetchone()[0])
+
+
+def _summary(
+    fleet: Fleet, agents: list[Agent], load: LoadGenerator, rollouts: list[dict[str, Any]]
+) -> None:
+    click.echo(f"   {'rollout':<8} {'model':<8} {'waves':<6} {'result':<12} decided by")
+    for detail in rollouts:
+        decisive = [e for e in detail["events"] if e["kind"] in ("gates_passed", "gates_failed")]
+        why = ""
+        if decisive:
+            gates = decisive[-1]["details"].get("gates", [])
+            why = ", ".join(
+                f"{g['gate']} {g['measured']:.3g} (limit {g['threshold']:.3g})"
+                for g in gates
+                if g["measured"] is not None and g["gate"] in ("accuracy_drop", "latency_p95_ratio")
+            )
+        waves = len(detail["waves"])
+        click.echo(
+            f"   {detail['id']:<8} {detail['version']:<8} {waves:<6} {detail['state']:<12} {why}"
+        )
+    click.echo()
+    click.echo(f"   {'device':<8} {'tag':<8} {'serving':<8} {'requests':>9} {'right':>7}")
+    for agent in agents:
+        traffic = load.traffic[agent.port]
+        right = traffic.correct / traffic.feedback if traffic.feedback else 0.0
+        serving = agent.serving() or "-"
+        click.echo(
+            f"   {agent.name:<8} {agent.tag:<8} {serving:<8} {traffic.requests:>9} {right:>7.1%}"
+        )
+
+
+@contextlib.contextmanager
+def _fleet(root: Path) -> Iterator[tuple[Fleet, list[Agent]]]:
+    fleet = Fleet(root)
+    agents = [Agent(name, tag, root) for name, tag in AGENTS]
+    say("Fleet", step=True)
+    try:
+        fleet.start()
+        yield fleet, agents
+    finally:
+        for agent in agents:
+            agent.stop()
+        fleet.stop()
+
+
+if __name__ == "__main__":
+    main()
