@@ -67,8 +67,12 @@ class Server:
 
 @pytest.fixture
 def server(database_url: str, tmp_path: Path) -> Iterator[Server]:
+    # The rollout controller is driven by hand here (`controller.step`), not by its thread.
     settings = Settings(
-        data_dir=tmp_path / "data", database_url=database_url, max_upload_bytes=2 * 2**20
+        data_dir=tmp_path / "data",
+        database_url=database_url,
+        max_upload_bytes=2 * 2**20,
+        rollout_interval_s=0,
     )
     app = create_app(settings, start_bridge=False)
     with TestClient(app) as client:
