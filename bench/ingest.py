@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
-import queue
 import tempfile
 import threading
 import time
@@ -47,6 +46,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bench.workers import get_from
 from protocol.messages import HealthSample, InferenceStats, TelemetryBatch, encode_payload
 from protocol.topics import Topics
 
@@ -385,17 +385,7 @@ class _Publishers:
             self._error = exc
 
     def _get(self, source: Any, timeout: float) -> Any:
-        """The next item, or an error as soon as a publisher died without saying why."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return source.get(timeout=0.2)
-            except queue.Empty:
-                dead = [p.exitcode for p in self._processes if p.exitcode not in (None, 0)]
-                if dead:
-                    raise RuntimeError(f"a publisher process exited with {dead[0]}") from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"no word from the publishers in {timeout:g} s") from None
+        return get_from(source, self._processes, timeout, "publisher")
 
 
 @contextlib.contextmanager

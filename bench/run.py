@@ -24,18 +24,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 )
 @click.option(
     "--only",
-    type=click.Choice(["conversion", "agent", "ingest"]),
+    type=click.Choice(["conversion", "agent", "ingest", "rollout"]),
     default=None,
     help="Run just this benchmark (default: every one).",
 )
 def main(out: Path, models_dir: Path | None, only: str | None) -> None:
-    from bench import agent, conversion, ingest, pipeline
+    from bench import agent, conversion, ingest, pipeline, rollout
     from toolchain.convert import machine_description
 
     def wanted(name: str) -> bool:
         return only in (None, name)
 
     agent_section: list[str] = []
+    rollout_section: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         if only == "ingest":
             models_dir = Path(tmp)  # no models needed: do not even import TensorFlow
@@ -53,6 +54,10 @@ def main(out: Path, models_dir: Path | None, only: str | None) -> None:
         if wanted("agent"):
             click.echo("measuring the edge agent", err=True)
             agent_section = agent.markdown(agent.measure(models_dir))
+        if wanted("rollout"):
+            click.echo("measuring staged rollouts", err=True)
+            measured = rollout.measure(models_dir, progress=lambda s: click.echo(s, err=True))
+            rollout_section = rollout.markdown(measured)
 
     text = [
         "# Benchmarks",
@@ -90,6 +95,7 @@ def main(out: Path, models_dir: Path | None, only: str | None) -> None:
         sections += ingest.markdown(ingest.measure(progress=lambda s: click.echo(s, err=True)))
         click.echo("measuring the server pipeline per message", err=True)
         sections += pipeline.markdown(pipeline.measure())
+    sections += rollout_section
     out.write_text("\n".join(text + sections))
     click.echo(f"wrote {out}", err=True)
 

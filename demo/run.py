@@ -51,7 +51,7 @@ GATES = {
     "min_predictions": 100,
     "min_labelled": 40,
 }
-WAIT_S = 120.0
+WAIT_S = 300.0  # generous: a busy machine slows everything, and nothing here is timed
 
 
 def say(text: str, *, step: bool = False) -> None:
@@ -342,7 +342,7 @@ def main(out: Path, models_dir: Path, keep_running: bool) -> None:
         data = np.load(models_dir / "digits" / "eval.npz")
         load = LoadGenerator([a.port for a in agents], data["x"], data["y"], rate_per_s=25).start()
         say("load generator: 25 predictions/s per device, each followed by its true label")
-        until(lambda: _labelled(fleet, "1.0.0") >= 300, "v1's accuracy to be measured", timeout=60)
+        until(lambda: _labelled(fleet, "1.0.0") >= 300, "v1's accuracy to be measured")
 
         say("Roll out v2 (int8) in waves, gated on accuracy and latency", step=True)
         good = rollout(fleet, "2.0.0", _waves(), GATES)

@@ -135,11 +135,12 @@ def running_fleet(root: Path, mosquitto_executable: str) -> Iterator[Fleet]:
         fleet.admin = {"Authorization": f"Bearer {token}"}
         yield fleet
     finally:
-        server.send_signal(signal.SIGTERM)
+        # fleet.server: a test may have killed the first and started another.
+        fleet.server.send_signal(signal.SIGTERM)
         try:
-            server.wait(timeout=15)
+            fleet.server.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            server.kill()
+            fleet.server.kill()
         broker.kill()
 
 

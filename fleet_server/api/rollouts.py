@@ -11,9 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
-from fleet_server.models import ModelVersion, Rollout, RolloutDevice, RolloutEvent
-from fleet_server.rollouts import controller, evidence, service
-from fleet_server.rollouts.gates import evaluate
+from fleet_server.models import Rollout, RolloutDevice, RolloutEvent
+from fleet_server.rollouts import controller, service
 from fleet_server.rollouts.spec import RolloutCreate
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
@@ -150,12 +149,11 @@ def show_rollout(rollout_id: int, session: SessionDep, _: Viewer) -> RolloutDeta
     )
     gates: list[GateRead] = []
     if rollout.phase is not None and rollout.state not in service.FINAL_STATES:
-        model = session.get(ModelVersion, rollout.model_id)
-        assert model is not None
         current = [m for m in members if m.wave == rollout.wave]
-        found = evidence.gather(session, rollout, current, rollout.phase)
-        results = evaluate(spec.gates.gates(), found, service.reference_of(model), rollout.phase)  # type: ignore[arg-type]
-        gates = [GateRead(**g) for g in controller._gates(results)]  # type: ignore[arg-type]
+        gates = [
+            GateRead.model_validate(r.as_dict())
+            for r in controller.judge(session, rollout, current)
+        ]
     events = session.scalars(
         select(RolloutEvent).where(RolloutEvent.rollout_id == rollout.id).order_by(RolloutEvent.id)
     )

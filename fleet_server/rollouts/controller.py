@@ -36,7 +36,7 @@ from fleet_server.models import (
     aware,
 )
 from fleet_server.rollouts import evidence, service
-from fleet_server.rollouts.gates import GateResult, Verdict, evaluate, overall
+from fleet_server.rollouts.gates import GateResult, Phase, Verdict, evaluate, overall
 from fleet_server.rollouts.service import Action, Conflict, finish, record
 from fleet_server.rollouts.spec import RolloutCreate
 from fleet_server.services import desired
@@ -69,10 +69,7 @@ def step(session: Session, state: FleetState, rollout: Rollout, now: dt.datetime
         return
     members = _members(session, rollout)
     _refresh(session, rollout, members, spec.device_timeout_s, now)
-    model = session.get(ModelVersion, rollout.model_id)
-    assert model is not None
-    found = evidence.gather(session, rollout, members, rollout.phase)
-    results = evaluate(spec.gates.gates(), found, service.reference_of(model), rollout.phase)  # type: ignore[arg-type]
+    results = judge(session, rollout, members)
     verdict = overall(results)
     started = aware(rollout.phase_started_at) or now
     baked = now - started >= dt.timedelta(seconds=wave_spec.bake_s)
@@ -90,6 +87,15 @@ def step(session: Session, state: FleetState, rollout: Rollout, now: dt.datetime
         record(session, rollout, "paused", rollout.reason, gates=_gates(results))
 
 
+def judge(session: Session, rollout: Rollout, members: Sequence[RolloutDevice]) -> list[GateResult]:
+    """The gates of the rollout's current wave and phase, on the evidence so far."""
+    phase: Phase = "shadow" if rollout.phase == "shadow" else "active"
+    model = session.get(ModelVersion, rollout.model_id)
+    spec = RolloutCreate.model_validate(rollout.spec)
+    found = evidence.gather(session, rollout, members, phase)
+    return evaluate(spec.gates.gates(), found, service.reference_of(model), phase)
+
+
 def _members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
     return list(
         session.scalars(
@@ -103,6 +109,8 @@ def _members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
 def _start_phase(
     session: Session, state: FleetState, rollout: Rollout, phase: str, now: dt.datetime
 ) -> None:
+    # A wave's first phase starts it; going from shadow to active switches it.
+    kind = "wave_switched" if rollout.phase == "shadow" else "wave_started"
     rollout.phase = phase
     rollout.phase_started_at = now
     model = session.get(ModelVersion, rollout.model_id)
@@ -112,7 +120,6 @@ def _start_phase(
             continue  # it keeps the model it has; the install gate already counted it
         _assign(session, state, rollout, member, model, phase, now)
         assigned += 1
-    kind = "wave_started" if phase != "active" or not _was_shadow(rollout) else "wave_switched"
     record(
         session,
         rollout,
@@ -121,11 +128,6 @@ def _start_phase(
         phase=phase,
         devices=assigned,
     )
-
-
-def _was_shadow(rollout: Rollout) -> bool:
-    spec = RolloutCreate.model_validate(rollout.spec)
-    return spec.waves[rollout.wave].shadow_first
 
 
 def _assign(
@@ -167,18 +169,25 @@ def _refresh(
     now: dt.datetime,
 ) -> None:
     """Each installing device's last report on its deployment decides its state."""
-    for member in members:
-        if member.state != "installing" or member.deployment_id is None:
-            continue
-        report = session.scalar(
-            select(UpdateReportRow)
-            .where(
-                UpdateReportRow.device_id == member.device_id,
-                UpdateReportRow.deployment_id == member.deployment_id,
-            )
-            .order_by(UpdateReportRow.ts.desc(), UpdateReportRow.id.desc())
-            .limit(1)
+    installing = {
+        m.device_id: m for m in members if m.state == "installing" and m.deployment_id is not None
+    }
+    if not installing:
+        return
+    latest: dict[str, UpdateReportRow] = {}
+    reports = session.scalars(
+        select(UpdateReportRow)
+        .where(
+            UpdateReportRow.device_id.in_(list(installing)),
+            UpdateReportRow.deployment_id.in_({m.deployment_id for m in installing.values()}),
         )
+        .order_by(UpdateReportRow.ts, UpdateReportRow.id)
+    )
+    for row in reports:  # in order, so the last one per device stays
+        if row.deployment_id == installing[row.device_id].deployment_id:
+            latest[row.device_id] = row
+    for device_id, member in installing.items():
+        report = latest.get(device_id)
         if report is not None and report.state in SUCCEEDED:
             member.state = report.state
             member.finished_at = report.ts
@@ -188,12 +197,15 @@ def _refresh(
             member.state = "failed"
             member.finished_at = report.ts
             member.reason = f"{report.state}: {report.reason or 'no reason given'}"
-        elif member.assigned_at and now - aware(member.assigned_at) > dt.timedelta(  # type: ignore[operator]
-            seconds=timeout_s
-        ):
+        elif _older(member.assigned_at, now, timeout_s):
             member.state = "timed_out"
             member.finished_at = now
             member.reason = f"no terminal report within {timeout_s:g} s"
+
+
+def _older(moment: dt.datetime | None, now: dt.datetime, seconds: float) -> bool:
+    since = aware(moment)
+    return since is not None and now - since > dt.timedelta(seconds=seconds)
 
 
 def _admit_newcomers(
@@ -335,18 +347,7 @@ def _summary(results: Sequence[GateResult]) -> str:
 
 
 def _gates(results: Sequence[GateResult]) -> list[dict[str, object]]:
-    return [
-        {
-            "gate": r.gate,
-            "verdict": str(r.verdict),
-            "measured": r.measured,
-            "threshold": r.threshold,
-            "evidence": r.evidence,
-            "needed": r.needed,
-            "note": r.note,
-        }
-        for r in results
-    ]
+    return [r.as_dict() for r in results]
 
 
 # --- operators' actions ----------------------------------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import replace
+from typing import TypeVar
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
 from fleet_server.models import (
@@ -21,14 +23,15 @@ from fleet_server.models import (
     Rollout,
     RolloutDevice,
     ShadowRow,
+    aware,
 )
-from fleet_server.rollouts.gates import DeviceEvidence, Install
+from fleet_server.rollouts.gates import DeviceEvidence, Install, Phase
 
 # How far back a device's previous model is read, before the rollout reached it.
 PREVIOUS_SPAN = dt.timedelta(hours=1)
 
 # Execution states of a rollout device and what they mean for the install gate.
-INSTALL = {
+INSTALL: dict[str, Install] = {
     "pending": "pending",
     "installing": "pending",
     "shadow": "succeeded",
@@ -40,13 +43,51 @@ INSTALL = {
 
 
 def gather(
-    session: Session, rollout: Rollout, members: Sequence[RolloutDevice], phase: str
+    session: Session, rollout: Rollout, members: Sequence[RolloutDevice], phase: Phase
 ) -> list[DeviceEvidence]:
-    previous_versions = _versions(session, {m.previous_model_id for m in members})
+    """One query per table for the whole wave, however many devices it has: the controller
+    asks on every step."""
+    previous = _versions(session, {m.previous_model_id for m in members})
+    reporting = [m for m in members if _installed(m)]
+    if not reporting:
+        return [DeviceEvidence(m.device_id, INSTALL.get(m.state, "pending")) for m in members]
+    ids = [m.device_id for m in reporting]
+    # Everything any device of the wave could count: its previous model from an hour
+    # before the earliest assignment, the candidate since.
+    since = min(_assigned(m) for m in reporting) - PREVIOUS_SPAN
+    if phase == "shadow":
+        shadow = _rows(
+            session, ShadowRow, ids, since, ShadowRow.candidate_version == rollout.model_version
+        )
+        inference: dict[str, list[InferenceRow]] = {}
+        accuracy: dict[str, list[AccuracyRow]] = {}
+    else:
+        shadow = {}
+        name = rollout.model_name
+        inference = _rows(session, InferenceRow, ids, since, InferenceRow.model_name == name)
+        accuracy = _rows(session, AccuracyRow, ids, since, AccuracyRow.model_name == name)
     return [
-        _device(session, rollout, member, previous_versions.get(member.previous_model_id), phase)
+        _device(
+            rollout,
+            member,
+            previous.get(member.previous_model_id),
+            phase,
+            inference.get(member.device_id, []),
+            accuracy.get(member.device_id, []),
+            shadow.get(member.device_id, []),
+        )
         for member in members
     ]
+
+
+def _installed(member: RolloutDevice) -> bool:
+    return INSTALL.get(member.state) == "succeeded" and member.assigned_at is not None
+
+
+def _assigned(member: RolloutDevice) -> dt.datetime:
+    assigned = aware(member.assigned_at)
+    assert assigned is not None
+    return assigned
 
 
 def _versions(session: Session, ids: set[int | None]) -> dict[int | None, str]:
@@ -59,79 +100,93 @@ def _versions(session: Session, ids: set[int | None]) -> dict[int | None, str]:
     return {row.id: row.version for row in rows}
 
 
-def _device(
+Row = TypeVar("Row", InferenceRow, AccuracyRow, ShadowRow)
+
+
+def _rows(
     session: Session,
+    table: type[Row],
+    device_ids: Sequence[str],
+    since: dt.datetime,
+    *where: ColumnElement[bool],
+) -> dict[str, list[Row]]:
+    found: dict[str, list[Row]] = {}
+    query = select(table).where(table.device_id.in_(device_ids), table.ts >= since, *where)
+    for row in session.scalars(query):
+        found.setdefault(row.device_id, []).append(row)
+    return found
+
+
+def _device(
     rollout: Rollout,
     member: RolloutDevice,
     previous_version: str | None,
-    phase: str,
+    phase: Phase,
+    inference: Sequence[InferenceRow],
+    accuracy: Sequence[AccuracyRow],
+    shadow: Sequence[ShadowRow],
 ) -> DeviceEvidence:
-    install: Install = INSTALL.get(member.state, "pending")  # type: ignore[assignment]
-    evidence = DeviceEvidence(member.device_id, install)
-    if install != "succeeded" or member.assigned_at is None:
+    evidence = DeviceEvidence(member.device_id, INSTALL.get(member.state, "pending"))
+    if not _installed(member):
         return evidence
-    name, version = rollout.model_name, rollout.model_version
-    assigned = member.assigned_at
-    figures: dict[str, object] = {}
+    assigned = _assigned(member)
+    version = rollout.model_version
     if phase == "shadow":
-        if previous_version is not None:
-            compared, agreed = _shadow(
-                session, member.device_id, previous_version, version, assigned
-            )
-            figures.update(compared=compared, agreed=agreed)
-        return DeviceEvidence(member.device_id, install, **figures)  # type: ignore[arg-type]
-    since = member.switched_at or assigned
-    windows = _inference(session, member.device_id, name, version, since, None)
-    figures.update(_runtime(windows))
-    labelled, correct = _accuracy(session, member.device_id, name, version, since, None)
-    figures.update(labelled=labelled, correct=correct)
-    if previous_version is not None:
-        before = assigned - PREVIOUS_SPAN
-        previous = _inference(session, member.device_id, name, previous_version, before, assigned)
-        figures["previous_latency_p95_ms"] = _weighted_p95(previous)
-        labelled, correct = _accuracy(
-            session, member.device_id, name, previous_version, before, assigned
+        compared = [
+            r for r in shadow if r.active_version == previous_version and _at(r) >= assigned
+        ]
+        return replace(
+            evidence,
+            compared=sum(r.compared for r in compared),
+            agreed=sum(r.agreed for r in compared),
         )
-        figures.update(previous_labelled=labelled, previous_correct=correct)
-    return DeviceEvidence(member.device_id, install, **figures)  # type: ignore[arg-type]
-
-
-def _inference(
-    session: Session,
-    device_id: str,
-    name: str,
-    version: str,
-    since: dt.datetime,
-    until: dt.datetime | None,
-) -> list[InferenceRow]:
-    query = select(InferenceRow).where(
-        InferenceRow.device_id == device_id,
-        InferenceRow.model_name == name,
-        InferenceRow.model_version == version,
-        InferenceRow.ts >= since,
+    since = aware(member.switched_at) or assigned
+    candidate = [w for w in inference if w.model_version == version and _at(w) >= since]
+    labelled = [a for a in accuracy if a.model_version == version and _at(a) >= since]
+    evidence = replace(
+        _runtime(evidence, candidate),
+        labelled=sum(a.labelled for a in labelled),
+        correct=sum(a.correct for a in labelled),
     )
-    if until is not None:
-        query = query.where(InferenceRow.ts < until)
-    return list(session.scalars(query))
+    if previous_version is None:
+        return evidence
+    before = assigned - PREVIOUS_SPAN
+    earlier = [
+        w for w in inference if w.model_version == previous_version and before <= _at(w) < assigned
+    ]
+    known = [
+        a for a in accuracy if a.model_version == previous_version and before <= _at(a) < assigned
+    ]
+    return replace(
+        evidence,
+        previous_latency_p95_ms=_weighted_p95(earlier),
+        previous_labelled=sum(a.labelled for a in known),
+        previous_correct=sum(a.correct for a in known),
+    )
 
 
-def _runtime(windows: Sequence[InferenceRow]) -> dict[str, object]:
-    predictions = sum(w.count for w in windows)
+def _at(row: InferenceRow | AccuracyRow | ShadowRow) -> dt.datetime:
+    moment = aware(row.ts)
+    assert moment is not None
+    return moment
+
+
+def _runtime(evidence: DeviceEvidence, windows: Sequence[InferenceRow]) -> DeviceEvidence:
     answered = [w for w in windows if w.mean_confidence is not None]
-    classes = max((len(w.class_counts) for w in windows), default=0)
-    counts = [0] * classes
+    counts = [0] * max((len(w.class_counts) for w in windows), default=0)
     for window in windows:
         for index, count in enumerate(window.class_counts):
             counts[index] += count
-    return {
-        "predictions": predictions,
-        "errors": sum(w.errors for w in windows),
-        "nan_outputs": sum(w.nan_outputs for w in windows),
-        "latency_p95_ms": _weighted_p95(windows),
-        "confidence_sum": sum((w.mean_confidence or 0.0) * (w.count - w.errors) for w in answered),
-        "confidence_count": sum(w.count - w.errors for w in answered),
-        "class_counts": tuple(counts),
-    }
+    return replace(
+        evidence,
+        predictions=sum(w.count for w in windows),
+        errors=sum(w.errors for w in windows),
+        nan_outputs=sum(w.nan_outputs for w in windows),
+        latency_p95_ms=_weighted_p95(windows),
+        confidence_sum=sum((w.mean_confidence or 0.0) * (w.count - w.errors) for w in answered),
+        confidence_count=sum(w.count - w.errors for w in answered),
+        class_counts=tuple(counts),
+    )
 
 
 def _weighted_p95(windows: Sequence[InferenceRow]) -> float | None:
@@ -142,37 +197,3 @@ def _weighted_p95(windows: Sequence[InferenceRow]) -> float | None:
     if not total:
         return None
     return sum(p95 * count for p95, count in weighted) / total
-
-
-def _accuracy(
-    session: Session,
-    device_id: str,
-    name: str,
-    version: str,
-    since: dt.datetime,
-    until: dt.datetime | None,
-) -> tuple[int, int]:
-    query = select(AccuracyRow.labelled, AccuracyRow.correct).where(
-        AccuracyRow.device_id == device_id,
-        AccuracyRow.model_name == name,
-        AccuracyRow.model_version == version,
-        AccuracyRow.ts >= since,
-    )
-    if until is not None:
-        query = query.where(AccuracyRow.ts < until)
-    rows = session.execute(query).all()
-    return sum(r.labelled for r in rows), sum(r.correct for r in rows)
-
-
-def _shadow(
-    session: Session, device_id: str, active: str, candidate: str, since: dt.datetime
-) -> tuple[int, int]:
-    rows = session.execute(
-        select(ShadowRow.compared, ShadowRow.agreed).where(
-            ShadowRow.device_id == device_id,
-            ShadowRow.active_version == active,
-            ShadowRow.candidate_version == candidate,
-            ShadowRow.ts >= since,
-        )
-    ).all()
-    return sum(r.compared for r in rows), sum(r.agreed for r in rows)

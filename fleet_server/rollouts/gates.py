@@ -93,6 +93,17 @@ class GateResult:
     needed: int
     note: str
 
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "gate": self.gate,
+            "verdict": str(self.verdict),
+            "measured": self.measured,
+            "threshold": self.threshold,
+            "evidence": self.evidence,
+            "needed": self.needed,
+            "note": self.note,
+        }
+
     def describe(self) -> str:
         measured = "n/a" if self.measured is None else f"{self.measured:.4g}"
         return (

@@ -56,7 +56,7 @@ class Plan:
     previous_model_id: int | None
 
 
-def reference_of(model: ModelVersion) -> Reference:
+def reference_of(model: ModelVersion | None) -> Reference:
     reference = (json.loads(model.manifest_json).get("reference") or {}) if model else {}
     distribution = reference.get("class_distribution")
     return Reference(
