@@ -79,7 +79,7 @@ def step(session: Session, state: FleetState, rollout: Rollout, now: dt.datetime
     elif not baked:
         return
     elif verdict is Verdict.PASS:
-        _pass(session, state, rollout, members, results, now)
+        _pass(session, state, rollout, results, now)
     elif now - started >= dt.timedelta(seconds=wave_spec.bake_s + spec.evidence_timeout_s):
         waiting = "; ".join(r.describe() for r in results if r.verdict is Verdict.WAIT)
         rollout.state = "paused"
@@ -221,11 +221,11 @@ def _admit_newcomers(
         select(Device).where(Device.decommissioned_at.is_(None), Device.id.not_in(known))
     )
     for device in candidates:
-        if not service.matches(session, rollout, device):
+        if not service.matches(rollout, device):
             continue
-        if service._in_other_rollouts(session, [device.id]):
+        if service.in_other_rollouts(session, [device.id]):
             continue
-        previous = service._registry_ids(session, [device])[device.id]
+        previous = service.registry_ids(session, [device])[device.id]
         member = RolloutDevice(
             rollout_id=rollout.id,
             device_id=device.id,
@@ -244,7 +244,6 @@ def _pass(
     session: Session,
     state: FleetState,
     rollout: Rollout,
-    members: Sequence[RolloutDevice],
     results: Sequence[GateResult],
     now: dt.datetime,
 ) -> None:
@@ -300,7 +299,12 @@ def _fail(
 
 
 def roll_back(
-    session: Session, state: FleetState, rollout: Rollout, reason: str, now: dt.datetime
+    session: Session,
+    state: FleetState,
+    rollout: Rollout,
+    reason: str,
+    now: dt.datetime,
+    actor: str = "controller",
 ) -> None:
     """Every device the rollout touched gets its previous model back, as an explicit
     operator rollback (so the device accepts the lower version)."""
@@ -339,6 +343,7 @@ def roll_back(
         rollout,
         "rolled_back",
         f"{reverted} device(s) get their previous model back: {reason}",
+        actor=actor,
     )
 
 
@@ -375,7 +380,7 @@ def act(session: Session, state: FleetState, rollout: Rollout, action: Action, a
         finish(rollout, "aborted", f"aborted by {actor}; devices keep what they run")
         record(session, rollout, "aborted", rollout.reason or "", actor=actor)
     else:
-        roll_back(session, state, rollout, f"rolled back by {actor}", now)
+        roll_back(session, state, rollout, f"rolled back by {actor}", now, actor)
 
 
 # --- the loop ---------------------------------------------------------------------------------

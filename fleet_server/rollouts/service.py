@@ -81,7 +81,7 @@ def create(session: Session, body: RolloutCreate, actor: str) -> Rollout:
     devices = _target_devices(session, body)
     if not devices:
         raise Rejected("the target matches no device")
-    busy = _in_other_rollouts(session, [d.id for d in devices])
+    busy = in_other_rollouts(session, [d.id for d in devices])
     if busy:
         shown = ", ".join(sorted(busy)[:10]) + (" ..." if len(busy) > 10 else "")
         raise Conflict(f"{len(busy)} target device(s) are in another active rollout: {shown}")
@@ -96,7 +96,7 @@ def create(session: Session, body: RolloutCreate, actor: str) -> Rollout:
     )
     session.add(rollout)
     session.flush()
-    previous = _registry_ids(session, devices)
+    previous = registry_ids(session, devices)
     plans = plan_waves(f"rollout-{rollout.id}", [d.id for d in devices], body.waves, previous)
     for plan in plans:
         session.add(
@@ -116,13 +116,6 @@ def create(session: Session, body: RolloutCreate, actor: str) -> Rollout:
         f"{model.name} {model.version} to {len(devices)} device(s) in {len(sizes)} wave(s)",
         wave_sizes=sizes,
         actor=actor,
-    )
-    audit.record(
-        session,
-        actor,
-        "rollout.create",
-        f"rollout:{rollout.id}",
-        model=f"{model.name}/{model.version}",
     )
     return rollout
 
@@ -162,7 +155,7 @@ def _target_devices(session: Session, body: RolloutCreate) -> list[Device]:
     return found
 
 
-def matches(session: Session, rollout: Rollout, device: Device) -> bool:
+def matches(rollout: Rollout, device: Device) -> bool:
     """Whether a device (one enrolled since, say) belongs to the rollout's target."""
     target = RolloutCreate.model_validate(rollout.spec).target
     if target.all:
@@ -172,7 +165,7 @@ def matches(session: Session, rollout: Rollout, device: Device) -> bool:
     return set(target.tags) <= {t.tag for t in device.tags}
 
 
-def _in_other_rollouts(session: Session, device_ids: Sequence[str]) -> set[str]:
+def in_other_rollouts(session: Session, device_ids: Sequence[str]) -> set[str]:
     rows = session.scalars(
         select(RolloutDevice.device_id)
         .join(Rollout, Rollout.id == RolloutDevice.rollout_id)
@@ -181,7 +174,7 @@ def _in_other_rollouts(session: Session, device_ids: Sequence[str]) -> set[str]:
     return set(rows)
 
 
-def _registry_ids(session: Session, devices: Sequence[Device]) -> dict[str, int | None]:
+def registry_ids(session: Session, devices: Sequence[Device]) -> dict[str, int | None]:
     ids: dict[str, int | None] = {}
     for device in devices:
         ids[device.id] = None
@@ -196,14 +189,25 @@ def _registry_ids(session: Session, devices: Sequence[Device]) -> dict[str, int 
 
 
 def record(
-    session: Session, rollout: Rollout, kind: str, message: str, **details: Any
+    session: Session,
+    rollout: Rollout,
+    kind: str,
+    message: str,
+    *,
+    actor: str = "controller",
+    **details: Any,
 ) -> RolloutEvent:
+    """An event in the rollout's history, and the same decision in the audit log."""
     event = RolloutEvent(
-        rollout_id=rollout.id, kind=kind, wave=rollout.wave, message=message, details=details
+        rollout_id=rollout.id,
+        kind=kind,
+        wave=rollout.wave,
+        message=message,
+        details={"actor": actor, **details},
     )
     session.add(event)
     rollout.updated_at = utcnow()
-    audit.record(session, "controller", f"rollout.{kind}", f"rollout:{rollout.id}", message=message)
+    audit.record(session, actor, f"rollout.{kind}", f"rollout:{rollout.id}", message=message)
     return event
 
 

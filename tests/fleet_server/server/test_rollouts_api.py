@@ -13,7 +13,14 @@ from sqlalchemy import select
 
 from fleet_server.auth import Role
 from fleet_server.db import transaction
-from fleet_server.models import DesiredState, Device, Rollout, RolloutDevice, UpdateReportRow
+from fleet_server.models import (
+    AuditEvent,
+    DesiredState,
+    Device,
+    Rollout,
+    RolloutDevice,
+    UpdateReportRow,
+)
 from fleet_server.rollouts import controller
 from tests.bundles import Bundle, convert
 from tests.fleet_server.server.conftest import Server
@@ -287,6 +294,11 @@ def test_operators_pause_resume_abort_and_roll_back(server: Server, fleet: dict[
 
     assert act("resume").status_code == 409  # not paused
     assert act("pause").json()["state"] == "paused"
+    with server.state.sessions() as session:
+        audited = session.scalars(
+            select(AuditEvent.actor).where(AuditEvent.action == "rollout.paused")
+        ).all()
+    assert audited == ["admin"]  # the operator, not the controller
     assert act("pause").status_code == 409
     paused = step(server, rollout_id, T0 + dt.timedelta(seconds=5))
     assert paused.state == "paused"  # the controller leaves a paused rollout alone
