@@ -21,6 +21,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,9 +360,18 @@ def main(out: Path, models_dir: Path, keep_running: bool) -> None:
         say(f"(with EDGEFLEET_TOKEN={fleet.token})")
         say(f"finished in {time.monotonic() - started:.0f} s; logs and state under {root}")
         if keep_running:
-            say("--keep-running: the fleet stays up; Ctrl-C to end it", step=True)
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.pause()
+            say("--keep-running: the fleet stays up; Ctrl-C (or SIGTERM) ends it", step=True)
+            _wait_for_the_end()
+
+
+def _wait_for_the_end() -> None:
+    # Handlers of our own: a shell starts a background job with SIGINT ignored, and a
+    # service manager stops with SIGTERM; either way the fleet must be cleaned up.
+    ended = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, lambda *_: ended.set())
+    ended.wait()
+    say("ending: stopping the agents, the server and the broker")
 
 
 def _narrate(event: dict[str, Any]) -> None:
