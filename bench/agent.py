@@ -187,7 +187,7 @@ class _served:
         self.bundle = bundle
 
     def __enter__(self) -> tuple[int, int]:
-        from tests.fleet_server.mosquitto import free_port
+        from fleet_server.mosquitto import free_port
 
         self.state = tempfile.TemporaryDirectory(prefix="bench-agent-state-")
         port = free_port()

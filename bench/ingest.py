@@ -54,8 +54,8 @@ if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
     from fleet_server.broker import BrokerCredentials
+    from fleet_server.mosquitto import Mosquitto
     from fleet_server.state import FleetState
-    from tests.fleet_server.mosquitto import Mosquitto
 
 DEVICES = 20
 MESSAGES = 20_000  # in all, split evenly between the devices
@@ -451,7 +451,7 @@ class _Broker:
 @contextlib.contextmanager
 def _broker(folder: Path) -> Iterator[_Broker]:
     from fleet_server.broker import write_broker_config
-    from tests.fleet_server.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
+    from fleet_server.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
 
     executable = find_mosquitto()
     if executable is None:

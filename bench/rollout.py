@@ -625,7 +625,7 @@ class _Server:
 @contextlib.contextmanager
 def _running_server(root: Path) -> Iterator[_Server]:
     from fleet_server.broker import write_broker_config
-    from tests.fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
+    from fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
 
     executable = find_mosquitto()
     if executable is None:

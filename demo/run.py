@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from demo.loadgen import LoadGenerator
-from tests.fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
+from fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
 
 AGENTS = (
     ("cam-1", "site-a"),

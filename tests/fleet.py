@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from fleet_server.cli import cli as fleet_cli
+from fleet_server.mosquitto import Mosquitto, free_port
 from tests.bundles import Bundle
-from tests.fleet_server.mosquitto import Mosquitto, free_port
 
 WAIT = 60.0
 AGENT = (sys.executable, "-m", "edge_agent.cli")

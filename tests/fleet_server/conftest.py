@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fleet_server.broker import BrokerAdmin, BrokerCredentials, write_broker_config
-from tests.fleet_server.mosquitto import Mosquitto, MosquittoError, free_port
+from fleet_server.mosquitto import Mosquitto, MosquittoError, free_port
 
 # free_port() cannot reserve the port; on a busy machine someone may take it first.
 _PORT_ATTEMPTS = 3

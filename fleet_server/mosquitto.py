@@ -1,4 +1,5 @@
-"""A real Mosquitto for tests, run from a folder that `write_broker_config` wrote."""
+"""A Mosquitto process run from a folder that `write_broker_config` wrote: what the demo,
+the benchmarks and the tests start when they need a broker of their own."""
 
 from __future__ import annotations
 
