@@ -1,7 +1,8 @@
-"""Rollouts as the API and the command line see them: create, act on, describe.
+"""Rollouts as the API sees them: created (target resolved, waves planned), looked up,
+listed, and their history recorded.
 
-The controller (`fleet_server.rollouts.controller`) drives what is created here; both keep
-all their state in the database.
+The controller (`fleet_server.rollouts.controller`) drives what is created here and
+carries out operators' actions; both keep all their state in the database.
 """
 
 from __future__ import annotations
