@@ -26,15 +26,12 @@ import multiprocessing as mp
 import os
 import queue
 import selectors
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
 from typing import Any
@@ -45,6 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.workers import get_from
+from fleet_server.local_fleet import LocalFleet
 from protocol.messages import (
     MESSAGE_SCHEMA_VERSION,
     Availability,
@@ -572,99 +570,25 @@ def cpu_seconds(before: dict[int, int], after: dict[int, int]) -> float:
 # --- the fleet: broker and server ---------------------------------------------------------
 
 
-@dataclass
-class _Server:
-    base: str
-    data_dir: Path
-    process: subprocess.Popen[bytes]
-    mqtt_host: str
-    mqtt_port: int
-    env: dict[str, str]
-    log: Path
-    admin: dict[str, str] = field(default_factory=dict)
-
+class _Server(LocalFleet):
     def broker_pid(self) -> int:
         from fleet_server.broker import PID_FILE
 
         return int((self.data_dir / "broker" / PID_FILE).read_text().split()[0])
 
-    def cli(self, *args: str) -> str:
-        from click.testing import CliRunner
-
-        from fleet_server.cli import cli as fleet_cli
-
-        result = CliRunner().invoke(fleet_cli, list(args), env=self.env, catch_exceptions=False)
-        if result.exit_code != 0:
-            raise RuntimeError(f"fleet-server {' '.join(args[:2])} failed: {result.output}")
-        return str(result.output).strip()
-
-    def healthy(self) -> bool:
-        import httpx
-
-        if self.process.poll() is not None:
-            tail = self.log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"fleet-server exited with {self.process.returncode}:\n{tail}")
-        try:
-            return bool(httpx.get(f"{self.base}/healthz", timeout=1).json()["mqtt"] == "connected")
-        except httpx.HTTPError:
-            return False
-
-    def sql(self, query: str, **params: Any) -> list[tuple[Any, ...]]:
-        """Read the server's SQLite database, read-only."""
-        from sqlalchemy import create_engine, text
-
-        path = (self.data_dir / "fleet.db").resolve()
-        engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
-        try:
-            with engine.connect() as connection:
-                return [tuple(row) for row in connection.execute(text(query), params)]
-        finally:
-            engine.dispose()
+    @property
+    def pid(self) -> int:
+        assert self.server is not None
+        return self.server.pid
 
 
 @contextlib.contextmanager
 def _running_server(root: Path) -> Iterator[_Server]:
-    from fleet_server.broker import write_broker_config
-    from fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
-
-    executable = find_mosquitto()
-    if executable is None:
-        raise RuntimeError("mosquitto is not installed (`make mosquitto` installs it)")
-    data_dir = root / "fleet-data"
-    env = {
-        "EDGEFLEET_DATA_DIR": str(data_dir),
-        "EDGEFLEET_ROLLOUT_INTERVAL_S": str(ROLLOUT_INTERVAL_S),
-    }
-    mqtt_port = free_port()
-    write_broker_config(data_dir / "broker", port=mqtt_port, force=True)
-    broker = Mosquitto(data_dir / "broker", executable)
-    broker.start()
-    http_port = free_port()
-    log = root / "fleet-server.log"
-    command = [
-        *(sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(http_port)),
-        *("--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}"),
-    ]
-    with log.open("ab") as stderr:
-        process = subprocess.Popen(
-            command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=stderr
-        )
-    server = _Server(
-        f"http://127.0.0.1:{http_port}", data_dir, process, "127.0.0.1", mqtt_port, env, log
-    )
+    server = _Server.start(root, rollout_interval_s=ROLLOUT_INTERVAL_S)
     try:
-        _wait(server.healthy, START_TIMEOUT_S, "fleet-server did not connect to the broker")
-        token = server.cli("token", "create", "--role", "admin", "--name", "bench")
-        server.admin = {"Authorization": f"Bearer {token}"}
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        broker.kill()
+        server.stop()
 
 
 def _wait(check: Callable[[], bool], timeout: float, failure: str, every: float = 0.1) -> None:
@@ -692,24 +616,6 @@ def _enroll(server: _Server, count: int) -> list[Device]:
 
         with ThreadPoolExecutor(ENROL_THREADS) as pool:
             return list(pool.map(one, range(count)))
-
-
-def _upload(server: _Server, bundle: Path, public_key: Path) -> None:
-    import httpx
-
-    key = {"name": public_key.stem, "public_key": public_key.read_text()}
-    response = httpx.post(f"{server.base}/api/v1/keys", json=key, headers=server.admin)
-    if response.status_code != 201:
-        raise RuntimeError(f"the signing key was refused: {response.text}")
-    files = {
-        "manifest": ("manifest.json", (bundle / "manifest.json").read_bytes()),
-        "model": ("model.tflite", (bundle / "model.tflite").read_bytes()),
-    }
-    response = httpx.post(
-        f"{server.base}/api/v1/models", files=files, headers=server.admin, timeout=60
-    )
-    if response.status_code != 201:
-        raise RuntimeError(f"the model was refused: {response.text}")
 
 
 def _bundle(models_dir: Path, root: Path) -> tuple[Path, Path]:
@@ -766,7 +672,7 @@ def _roll_out(server: _Server, others: dict[str, list[int]]) -> _Rolled:
     import httpx
 
     others_before = {label: cpu_ticks(pids) for label, pids in others.items()}
-    before = sample_usage(server.process.pid)
+    before = sample_usage(server.pid)
     reset_peaks(list(before.cpu_ticks))
     with httpx.Client(base_url=server.base, headers=server.admin, timeout=30) as client:
         started_at, start = time.time(), time.monotonic()
@@ -782,7 +688,7 @@ def _roll_out(server: _Server, others: dict[str, list[int]]) -> _Rolled:
             listed = client.get("/api/v1/rollouts").json()
             state = next(r["state"] for r in listed if r["id"] == rollout_id)
         seconds = time.monotonic() - start
-    after = sample_usage(server.process.pid)
+    after = sample_usage(server.pid)
     spent = {
         label: cpu_seconds(others_before[label], cpu_ticks(pids)) for label, pids in others.items()
     }
@@ -868,9 +774,9 @@ def measure_one(
         start = time.monotonic()
         fleet = _enroll(server, devices)
         enrol_s = time.monotonic() - start
-        _upload(server, bundle, public_key)
+        server.upload(bundle, public_key)
         start = time.monotonic()
-        with _swarms(server.mqtt_host, server.mqtt_port, fleet) as swarms:
+        with _swarms(server.broker.host, server.broker.port, fleet) as swarms:
             connect_s = time.monotonic() - start
             # Every `online` stored first, so the rollout's figures hold the rollout only.
             online = "SELECT COUNT(*) FROM devices WHERE status = 'online'"

@@ -18,7 +18,6 @@ import contextlib
 import json
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -32,7 +31,9 @@ import httpx
 import numpy as np
 
 from demo.loadgen import LoadGenerator
-from fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
+from fleet_server.local_fleet import LocalFleet
+from fleet_server.mosquitto import free_port
+from fleet_server.processes import stop_process
 
 AGENTS = (
     ("cam-1", "site-a"),
@@ -80,89 +81,16 @@ def tool(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-class Fleet:
-    """The server and its broker, as processes, and the calls the demo makes to them."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.data_dir = root / "fleet-data"
-        self.env = {"EDGEFLEET_DATA_DIR": str(self.data_dir), "EDGEFLEET_ROLLOUT_INTERVAL_S": "0.5"}
-        self.http_port = free_port()
-        self.base = f"http://127.0.0.1:{self.http_port}"
-        self.headers: dict[str, str] = {}
-        self.broker: Mosquitto | None = None
-        self.server: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        executable = find_mosquitto()
-        if executable is None:
-            raise click.ClickException("mosquitto is not installed (make demo installs it)")
-        mqtt_port = free_port()
-        run(tool("fleet-server"), "broker-config", "--port", str(mqtt_port), env=self.env)
-        self.broker = Mosquitto(self.data_dir / "broker", executable)
-        self.broker.start()
-        say(f"Mosquitto on 127.0.0.1:{mqtt_port} (device ACLs by dynamic security)")
-        log = (self.root / "fleet-server.log").open("ab")
-        self.server = subprocess.Popen(
-            [
-                tool("fleet-server"),
-                *("serve", "--port", str(self.http_port)),
-                *("--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}"),
-            ],
-            env={**os.environ, **self.env},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        until(self._healthy, "the fleet server to connect to its broker")
-        token = run(
-            tool("fleet-server"),
-            "token",
-            "create",
-            "--role",
-            "admin",
-            "--name",
-            "demo",
-            env=self.env,
-        )
-        self.headers = {"Authorization": f"Bearer {token}"}
-        self.token = token
-        say(f"fleet server on {self.base} (SQLite in {self.data_dir})")
-
-    def _healthy(self) -> bool:
-        assert self.server is not None
-        if self.server.poll() is not None:
-            raise click.ClickException(f"fleet-server exited; see {self.root / 'fleet-server.log'}")
-        try:
-            return bool(httpx.get(f"{self.base}/healthz", timeout=1).json()["mqtt"] == "connected")
-        except httpx.HTTPError:
-            return False
+class Fleet(LocalFleet):
+    """The broker and the server, and the API calls the demo makes."""
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = httpx.request(
-            method, f"{self.base}/api/v1{path}", headers=self.headers, timeout=30, **kwargs
+            method, f"{self.base}/api/v1{path}", headers=self.admin, timeout=30, **kwargs
         )
         if response.status_code >= 400:
             raise click.ClickException(f"{method} {path}: {response.status_code} {response.text}")
         return response.json()
-
-    def upload(self, bundle: Path, public_key: Path) -> None:
-        with contextlib.suppress(click.ClickException):  # the key may be there already
-            self.call("POST", "/keys", json={"name": "demo", "public_key": public_key.read_text()})
-        files = {
-            "manifest": ("manifest.json", (bundle / "manifest.json").read_bytes()),
-            "model": ("model.tflite", (bundle / "model.tflite").read_bytes()),
-        }
-        self.call("POST", "/models", files=files)
-
-    def stop(self) -> None:
-        if self.server is not None and self.server.poll() is None:
-            self.server.send_signal(signal.SIGTERM)
-            try:
-                self.server.wait(15)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-        if self.broker is not None:
-            self.broker.kill()
 
 
 class Agent:
@@ -174,7 +102,7 @@ class Agent:
         self.process: subprocess.Popen[bytes] | None = None
 
     def enroll(self, fleet: Fleet, public_key: Path) -> None:
-        token = run(tool("fleet-server"), "enrollment", "create", "--tags", self.tag, env=fleet.env)
+        token = fleet.cli("enrollment", "create", "--tags", self.tag)
         self.device_id = run(
             tool("edge-agent"),
             *("enroll", "--server", fleet.base, "--token", token),
@@ -207,12 +135,7 @@ class Agent:
         return str(model["version"]) if model else None
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
 
 
 def until(check: Any, what: str, timeout: float = WAIT_S) -> Any:
@@ -398,11 +321,9 @@ def _waves() -> list[dict[str, Any]]:
 
 
 def _labelled(fleet: Fleet, version: str) -> int:
-    """Labelled predictions the server has stored for a version (its SQLite, read-only)."""
-    uri = f"file:{fleet.data_dir / 'fleet.db'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        query = "SELECT COALESCE(SUM(labelled), 0) FROM accuracy_windows WHERE model_version = ?"
-        return int(db.execute(query, (version,)).fetchone()[0])
+    """Labelled predictions the server has stored for a version."""
+    query = "SELECT COALESCE(SUM(labelled), 0) FROM accuracy_windows WHERE model_version = :v"
+    return int(fleet.sql(query, v=version)[0][0])
 
 
 def _summary(
@@ -436,11 +357,12 @@ def _summary(
 
 @contextlib.contextmanager
 def _fleet(root: Path) -> Iterator[tuple[Fleet, list[Agent]]]:
-    fleet = Fleet(root)
-    agents = [Agent(name, tag, root) for name, tag in AGENTS]
     say("Fleet", step=True)
+    fleet = Fleet.start(root, rollout_interval_s=0.5)
+    say(f"Mosquitto on {fleet.broker.host}:{fleet.broker.port} (device ACLs by dynamic security)")
+    say(f"fleet server on {fleet.base} (SQLite in {fleet.data_dir})")
+    agents = [Agent(name, tag, root) for name, tag in AGENTS]
     try:
-        fleet.start()
         yield fleet, agents
     finally:
         for agent in agents:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from fleet_server.broker import CONFIG_FILE, LOG_FILE
+from fleet_server.processes import stop_process
 
 STDERR_FILE = "mosquitto.stderr"
 # /usr/sbin is often missing from a non-root PATH, and that is where Debian puts it.
@@ -78,18 +78,8 @@ class Mosquitto:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, which makes Mosquitto save its persistence file; SIGKILL if it hangs."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise MosquittoError(
-                f"mosquitto ignored SIGTERM for {timeout:g} s\n{self.log_tail()}"
-            ) from None
+        if stop_process(self._process, timeout):
+            raise MosquittoError(f"mosquitto ignored SIGTERM for {timeout:g} s\n{self.log_tail()}")
 
     def kill(self) -> None:
         """SIGKILL: a crash, so nothing is saved since the last autosave."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,12 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from click.testing import CliRunner
-from sqlalchemy import create_engine, text
 
-from fleet_server.cli import cli as fleet_cli
-from fleet_server.mosquitto import Mosquitto, free_port
-from tests.bundles import Bundle
+from fleet_server.local_fleet import LocalFleet
+from fleet_server.mosquitto import free_port
+from fleet_server.processes import stop_process
 
 WAIT = 60.0
 AGENT = (sys.executable, "-m", "edge_agent.cli")
@@ -39,44 +36,12 @@ def eventually(check: Callable[[], Any], timeout: float = WAIT, every: float = 0
     raise AssertionError(f"gave up after {timeout:g} s; last: {value!r}")
 
 
-@dataclass
-class Fleet:
-    base: str
-    data_dir: Path
-    broker: Mosquitto
-    server: subprocess.Popen[bytes]
-    env: dict[str, str]
-    admin: dict[str, str] = field(default_factory=dict)
-    restart: Callable[[], subprocess.Popen[bytes]] | None = field(default=None, repr=False)
-
-    def kill_server(self) -> None:
-        """SIGKILL, as a crash or the OOM killer would: no shutdown of any kind."""
-        self.server.kill()
-        self.server.wait()
-
-    def start_server(self) -> None:
-        """The same `fleet-server serve` again, on the same port, database and broker."""
-        assert self.restart is not None
-        self.server = self.restart()
-        eventually(lambda: _healthy(self), timeout=WAIT)
-
-    def cli(self, *args: str) -> str:
-        result = CliRunner().invoke(fleet_cli, list(args), env=self.env, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-        return result.output.strip()
+class Fleet(LocalFleet):
+    """A local fleet with what the tests ask of it."""
 
     def enrollment(self, tags: str = "", uses: int = 1) -> str:
         args = ["enrollment", "create", "--uses", str(uses)]
         return self.cli(*args, *(["--tags", tags] if tags else []))
-
-    def upload(self, bundle: Bundle) -> None:
-        key = {"name": bundle.public_key.stem, "public_key": bundle.public_key.read_text()}
-        response = httpx.post(f"{self.base}/api/v1/keys", json=key, headers=self.admin)
-        assert response.status_code in (201, 409), response.text
-        response = httpx.post(
-            f"{self.base}/api/v1/models", files=bundle.files(), headers=self.admin
-        )
-        assert response.status_code in (201, 409), response.text
 
     def desire(
         self, device_id: str, name: str | None, version: str | None, **options: Any
@@ -94,15 +59,6 @@ class Fleet:
         answer: dict[str, Any] = response.json()
         return answer
 
-    def sql(self, query: str, **params: Any) -> list[tuple[Any, ...]]:
-        """Read the server's database directly (SQLite in the data dir)."""
-        engine = create_engine(f"sqlite:///{self.data_dir / 'fleet.db'}")
-        try:
-            with engine.connect() as connection:
-                return [tuple(row) for row in connection.execute(text(query), params)]
-        finally:
-            engine.dispose()
-
     def reports(self, device_id: str) -> list[tuple[Any, ...]]:
         return self.sql(
             "SELECT desired_seq, state, model_version, reason FROM update_reports "
@@ -113,53 +69,12 @@ class Fleet:
 
 @contextmanager
 def running_fleet(root: Path, mosquitto_executable: str) -> Iterator[Fleet]:
-    data_dir = root / "fleet-data"
     # The rollout controller steps often, so that waves move at the tests' pace.
-    env = {"EDGEFLEET_DATA_DIR": str(data_dir), "EDGEFLEET_ROLLOUT_INTERVAL_S": "0.3"}
-    mqtt_port = free_port()
-    result = CliRunner().invoke(fleet_cli, ["broker-config", "--port", str(mqtt_port)], env=env)
-    assert result.exit_code == 0, result.output
-    broker = Mosquitto(data_dir / "broker", mosquitto_executable)
-    broker.start()
-    http_port = free_port()
-    command = [
-        *(sys.executable, "-m", "fleet_server.cli", "serve", "--port", str(http_port)),
-        *("--mqtt-url", f"mqtt://127.0.0.1:{mqtt_port}"),
-    ]
-    server = _serve(command, env, root / "fleet-server.log")
-    fleet = Fleet(f"http://127.0.0.1:{http_port}", data_dir, broker, server, env)
-    fleet.restart = lambda: _serve(command, env, root / "fleet-server.log")
+    fleet = Fleet.start(root, rollout_interval_s=0.3, executable=mosquitto_executable)
     try:
-        eventually(lambda: _healthy(fleet), timeout=WAIT)
-        token = fleet.cli("token", "create", "--role", "admin", "--name", "tests")
-        fleet.admin = {"Authorization": f"Bearer {token}"}
         yield fleet
     finally:
-        # fleet.server: a test may have killed the first and started another.
-        fleet.server.send_signal(signal.SIGTERM)
-        try:
-            fleet.server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            fleet.server.kill()
-        broker.kill()
-
-
-def _serve(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        command,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("ab"),
-    )
-
-
-def _healthy(fleet: Fleet) -> bool:
-    if fleet.server.poll() is not None:
-        raise AssertionError(f"fleet-server exited with {fleet.server.returncode}")
-    try:
-        return bool(httpx.get(f"{fleet.base}/healthz", timeout=1).json()["mqtt"] == "connected")
-    except httpx.HTTPError:
-        return False
+        fleet.stop()
 
 
 @dataclass
@@ -208,13 +123,7 @@ class AgentProcess:
         return self.process.wait(timeout)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

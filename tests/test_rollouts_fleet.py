@@ -93,7 +93,7 @@ def demo(
     data = np.load(digits.eval_npz)
     with running_fleet(tmp_path, mosquitto_executable) as fleet:
         for bundle in (digits.v1, digits.v2, broken):
-            fleet.upload(bundle)
+            fleet.upload(bundle.folder, bundle.public_key)
         agents: dict[str, AgentProcess] = {}
         for i in range(3):
             device_id, agent = enroll_agent(
@@ -196,7 +196,8 @@ def failing_self_test(digits: DigitsBundles, root: Path) -> Bundle:
 def test_a_model_failing_its_self_test_is_stopped_in_the_first_wave(
     demo: Demo, digits: DigitsBundles, tmp_path: Path
 ) -> None:
-    demo.fleet.upload(failing_self_test(digits, tmp_path))
+    failing = failing_self_test(digits, tmp_path)
+    demo.fleet.upload(failing.folder, failing.public_key)
     created = demo.create(
         model="digits",
         version="5.0.0",

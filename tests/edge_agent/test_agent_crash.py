@@ -28,7 +28,7 @@ def test_a_kill_at_any_step_ends_on_the_old_or_the_new_model(
     inputs, label = data["x"][:20], data["y"][:20]
     with running_fleet(tmp_path, mosquitto_executable) as fleet:
         for bundle in (digits.v1, digits.v2, digits.v3):
-            fleet.upload(bundle)
+            fleet.upload(bundle.folder, bundle.public_key)
         state_dir, key = tmp_path / "agent", digits.v1.public_key
         device_id, agent = agent_serving(fleet, state_dir, key, "digits", "1.0.0")
         # Three versions in turn: the target is never the one serving nor the previous

@@ -25,8 +25,8 @@ FAST_TELEMETRY = {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
 @pytest.fixture
 def fleet(tmp_path: Path, mosquitto_executable: str, digits: DigitsBundles) -> Iterator[Fleet]:
     with running_fleet(tmp_path, mosquitto_executable) as fleet:
-        fleet.upload(digits.v1)
-        fleet.upload(digits.v2)
+        for bundle in (digits.v1, digits.v2):
+            fleet.upload(bundle.folder, bundle.public_key)
         yield fleet
 
 

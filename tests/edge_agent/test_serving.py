@@ -159,6 +159,33 @@ def test_a_full_queue_folds_on_the_request_that_fills_it(
     assert recorder.predicted() == 20
 
 
+def test_sampled_inputs_past_their_byte_bound_fold_at_once(
+    predictor: Predictor, recorder: Recorder, eval_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One digits sample is 256 bytes: the bound is reached by the first sampled input.
+    monkeypatch.setattr(serving, "FOLD_MAX_SAMPLE_BYTES", 256)
+    predictor.predict(eval_data[0][0])
+    assert [len(batch) for _, batch in recorder.batches] == [1]
+
+
+def test_outputs_of_differing_sizes_are_read_one_by_one(
+    predictor: Predictor, recorder: Recorder, v1: LoadedModel, eval_data: Any
+) -> None:
+    """A model whose output size varies (as a dynamically shaped one's may) cannot be
+    stacked; each prediction is then read on its own, and one that does not match the
+    manifest's width names no class."""
+    answered = predictor.predict(eval_data[0][0])
+    slot = predictor._serving[0]
+    assert slot is not None
+    odd = np.array([[np.nan, 0.2, 0.3]], dtype=np.float32)
+    slot.queue.append(Prediction(v1, (odd,), 0.5, answered.number + 1, "0" * 16))
+    predictor.fold()
+    [(_, batch)] = recorder.batches
+    assert batch.top1.tolist() == [answered.top1, NO_CLASS]
+    assert batch.non_finite.tolist() == [False, True]
+    assert np.isnan(batch.confidence[1])
+
+
 def test_inputs_are_sampled_for_drift_one_in_every_few(
     v1: LoadedModel, recorder: Recorder, eval_data: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,0 +1,146 @@
+"""A fleet on this machine: a Mosquitto configured by `broker-config` and `fleet-server
+serve` on SQLite, each a process of its own on free ports, under one folder.
+
+What `make demo`, the benchmarks and the end-to-end tests start, so that all three run
+the server exactly as an operator would, and none of them repeats how.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+import httpx
+from click.testing import CliRunner
+from sqlalchemy import create_engine, text
+
+from fleet_server.broker import write_broker_config
+from fleet_server.cli import cli as fleet_cli
+from fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
+from fleet_server.processes import stop_process
+
+START_TIMEOUT_S = 60.0
+
+
+@dataclass
+class LocalFleet:
+    root: Path
+    env: dict[str, str]  # EDGEFLEET_* for the server and for `cli`
+    http_port: int
+    broker: Mosquitto
+    server: subprocess.Popen[bytes] | None = None
+    token: str = ""  # an admin API token
+
+    @classmethod
+    def start(
+        cls, root: Path, *, rollout_interval_s: float = 5.0, executable: str | None = None
+    ) -> Self:
+        executable = executable or find_mosquitto()
+        if executable is None:
+            raise RuntimeError("mosquitto is not installed (`make mosquitto` installs it)")
+        data_dir = root / "fleet-data"
+        env = {
+            "EDGEFLEET_DATA_DIR": str(data_dir),
+            "EDGEFLEET_ROLLOUT_INTERVAL_S": str(rollout_interval_s),
+        }
+        write_broker_config(data_dir / "broker", port=free_port(), force=True)
+        broker = Mosquitto(data_dir / "broker", executable)
+        broker.start()
+        fleet = cls(root, env, free_port(), broker)
+        try:
+            fleet.start_server()
+            fleet.token = fleet.cli("token", "create", "--role", "admin", "--name", "local")
+        except BaseException:
+            fleet.stop()
+            raise
+        return fleet
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.env["EDGEFLEET_DATA_DIR"])
+
+    def start_server(self) -> None:
+        """`fleet-server serve` (again, after a stop or a kill: same port, database, broker)."""
+        with (self.root / "fleet-server.log").open("ab") as log:
+            self.server = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "fleet_server.cli", "serve"),
+                    *("--port", str(self.http_port)),
+                    *("--mqtt-url", f"mqtt://{self.broker.host}:{self.broker.port}"),
+                ],
+                env={**os.environ, **self.env},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fleet-server did not start within {START_TIMEOUT_S:g} s")
+            time.sleep(0.1)
+
+    def kill_server(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown of any kind."""
+        assert self.server is not None
+        self.server.kill()
+        self.server.wait()
+
+    def healthy(self) -> bool:
+        """Up and connected to its broker; raises if the server has exited."""
+        assert self.server is not None
+        if self.server.poll() is not None:
+            tail = (self.root / "fleet-server.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"fleet-server exited with {self.server.returncode}:\n{tail}")
+        try:
+            return bool(httpx.get(f"{self.base}/healthz", timeout=1).json()["mqtt"] == "connected")
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        stop_process(self.server)
+        self.broker.kill()
+
+    def cli(self, *args: str) -> str:
+        """`fleet-server ARGS` on this fleet's data, in this process; its output."""
+        result = CliRunner().invoke(fleet_cli, list(args), env=self.env, catch_exceptions=False)
+        if result.exit_code != 0:
+            raise RuntimeError(f"fleet-server {' '.join(args[:2])} failed: {result.output}")
+        return str(result.output).strip()
+
+    def upload(self, bundle: Path, public_key: Path) -> None:
+        """Trust the publisher's key (if it is new) and register the signed bundle."""
+        key = {"name": public_key.stem, "public_key": public_key.read_text()}
+        response = httpx.post(f"{self.base}/api/v1/keys", json=key, headers=self.admin)
+        if response.status_code not in (201, 409):
+            raise RuntimeError(f"POST /api/v1/keys: {response.status_code} {response.text}")
+        files = {
+            name: (name, (bundle / name).read_bytes()) for name in ("manifest.json", "model.tflite")
+        }
+        fields = {"manifest": files["manifest.json"], "model": files["model.tflite"]}
+        response = httpx.post(
+            f"{self.base}/api/v1/models", files=fields, headers=self.admin, timeout=60
+        )
+        if response.status_code not in (201, 409):
+            raise RuntimeError(f"POST /api/v1/models: {response.status_code} {response.text}")
+
+    def sql(self, query: str, **params: Any) -> list[tuple[Any, ...]]:
+        """Read the server's SQLite database, read-only."""
+        path = (self.data_dir / "fleet.db").resolve()
+        engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+        try:
+            with engine.connect() as connection:
+                return [tuple(row) for row in connection.execute(text(query), params)]
+        finally:
+            engine.dispose()
