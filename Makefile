@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 MODELS_DIR ?= models/build
 DEMO_DIR ?= demo-out
 
-.PHONY: test lint typecheck pytest bench models demo clean mosquitto
+.PHONY: test lint typecheck pytest bench models demo clean mosquitto chromium screenshots
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,16 @@ mosquitto:
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq mosquitto-clients; }
 
-test: $(STAMP) mosquitto
+# The console's browser tests drive Debian's chromium through Playwright (no browser
+# download from elsewhere).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		echo "installing chromium from Debian's packages"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; }
+
+test: $(STAMP) mosquitto chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -38,6 +47,10 @@ models: $(STAMP)
 # `make demo DEMO_ARGS=--keep-running` leaves the fleet up to explore.
 demo: models mosquitto
 	$(PY) -m demo.run --out $(DEMO_DIR) --models-dir $(MODELS_DIR) $(DEMO_ARGS)
+
+# The README's pictures of the console: the demo, with screenshots taken at its end.
+screenshots: models mosquitto chromium
+	$(PY) -m demo.run --out $(DEMO_DIR) --models-dir $(MODELS_DIR) --screenshots docs/screenshots
 
 bench: $(STAMP) mosquitto
 	$(PY) -m bench.run --out BENCHMARKS.md

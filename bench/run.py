@@ -24,12 +24,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 )
 @click.option(
     "--only",
-    type=click.Choice(["conversion", "agent", "ingest", "rollout"]),
+    type=click.Choice(["conversion", "agent", "ingest", "rollout", "console"]),
     default=None,
     help="Run just this benchmark (default: every one).",
 )
 def main(out: Path, models_dir: Path | None, only: str | None) -> None:
-    from bench import agent, conversion, ingest, pipeline, rollout
+    from bench import agent, console, conversion, ingest, pipeline, rollout
     from toolchain.convert import machine_description
 
     def wanted(name: str) -> bool:
@@ -38,7 +38,7 @@ def main(out: Path, models_dir: Path | None, only: str | None) -> None:
     agent_section: list[str] = []
     rollout_section: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
-        if only == "ingest":
+        if only in ("ingest", "console"):
             models_dir = Path(tmp)  # no models needed: do not even import TensorFlow
         if models_dir is None:
             from models.train import RECIPES
@@ -96,6 +96,9 @@ def main(out: Path, models_dir: Path | None, only: str | None) -> None:
         click.echo("measuring the server pipeline per message", err=True)
         sections += pipeline.markdown(pipeline.measure())
     sections += rollout_section
+    if wanted("console"):
+        click.echo("measuring the web console at fleet scale", err=True)
+        sections += console.markdown(console.measure(progress=lambda s: click.echo(s, err=True)))
     out.write_text("\n".join(text + sections))
     click.echo(f"wrote {out}", err=True)
 

@@ -47,12 +47,15 @@ GATES = {
     "max_error_rate": 0.01,
     "max_nan_outputs": 0,
     "max_accuracy_drop": 0.05,
-    # Digits takes ~50 µs to run: its p95 on a shared machine is mostly scheduling noise.
-    "max_latency_ratio": 3.0,
+    # Digits takes ~50 µs to run: its p95 on a shared machine is mostly scheduling noise,
+    # which reached 5.6 times the previous model's on a loaded 2-core machine. A model 10
+    # times slower (int16x8 digits is 20 times) is still caught.
+    "max_latency_ratio": 10.0,
     "min_devices": 1,
     "min_predictions": 100,
     "min_labelled": 40,
 }
+SCREENSHOT_TRAFFIC_S = 150
 WAIT_S = 300.0  # generous: a busy machine slows everything, and nothing here is timed
 
 
@@ -107,6 +110,7 @@ class Agent:
             tool("edge-agent"),
             *("enroll", "--server", fleet.base, "--token", token),
             *("--state-dir", self.state_dir, "--trusted-key", public_key, "--tags", self.tag),
+            *("--name", self.name),
         )
 
     def start(self) -> None:
@@ -236,7 +240,13 @@ def rollout(
     show_default=True,
 )
 @click.option("--keep-running", is_flag=True, help="Leave the fleet up to explore; Ctrl-C ends it.")
-def main(out: Path, models_dir: Path, keep_running: bool) -> None:
+@click.option(
+    "--screenshots",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also save the web console's pages here as PNGs (for the README).",
+)
+def main(out: Path, models_dir: Path, keep_running: bool, screenshots: Path | None) -> None:
     """Train, convert, deploy, roll out a good model and catch a bad one."""
     started = time.monotonic()
     shutil.rmtree(out, ignore_errors=True)
@@ -273,18 +283,43 @@ def main(out: Path, models_dir: Path, keep_running: bool) -> None:
         say("Roll out v3 (the broken one) the same way", step=True)
         bad = rollout(fleet, "3.0.0", _waves(), GATES)
         until(lambda: all(a.serving() == "2.0.0" for a in agents), "every agent back on v2")
+        if screenshots is not None:
+            _screenshots(fleet, agents, bad["id"], screenshots)
         load.stop()
 
         say("Summary", step=True)
         _summary(fleet, agents, load, [first, good, bad])
         click.echo()
-        say(f"the server's API: {fleet.base}/docs  (token: {fleet.token})")
+        say(f"the web console: {fleet.base}/  (sign in with the token {fleet.token})")
+        say(f"the server's API: {fleet.base}/docs")
         say(f"a rollout's story: fleet-server rollout --server {fleet.base} show {bad['id']}")
         say(f"(with EDGEFLEET_TOKEN={fleet.token})")
         say(f"finished in {time.monotonic() - started:.0f} s; logs and state under {root}")
         if keep_running:
             say("--keep-running: the fleet stays up; Ctrl-C (or SIGTERM) ends it", step=True)
             _wait_for_the_end()
+
+
+def _screenshots(fleet: Fleet, agents: list[Agent], rollout_id: int, out: Path) -> None:
+    from demo.screenshots import capture
+
+    say("Screenshots of the web console", step=True)
+    # A few minutes of traffic, so that the charts have lines rather than dots.
+    say(f"{SCREENSHOT_TRAFFIC_S} s more traffic first, for the charts")
+    time.sleep(SCREENSHOT_TRAFFIC_S)
+    saved = capture(
+        fleet.base,
+        fleet.token,
+        {
+            "overview": "/",
+            "devices": "/devices",
+            "device": f"/devices/{agents[0].device_id}?range=15m",
+            "models": "/models",
+            "rollout": f"/rollouts/{rollout_id}",
+        },
+        out,
+    )
+    say("saved " + ", ".join(str(path) for path in saved))
 
 
 def _wait_for_the_end() -> None:

@@ -59,7 +59,7 @@ class Prediction:
     id and the reading of the first output as a class are worked out when first asked for.
     """
 
-    __slots__ = ("_answer", "_prefix", "latency_ms", "model", "number", "outputs")
+    __slots__ = ("_answer", "_prefix", "latency_ms", "model", "number", "raw_outputs")
 
     def __init__(
         self,
@@ -70,11 +70,25 @@ class Prediction:
         prefix: str,
     ) -> None:
         self.model = model
-        self.outputs = outputs  # real (dequantized) values, one read-only array per output
+        # Real (dequantized) values, one array per output, as the runtime returned them. The
+        # agent's own readers take these; callers get them read-only through `outputs`.
+        self.raw_outputs = outputs
         self.latency_ms = latency_ms  # the inference alone, as telemetry reports it
         self.number = number  # the issuing Predictor's sequence number
         self._prefix = prefix
         self._answer: tuple[int | None, float | None] | None = None
+
+    @property
+    def outputs(self) -> tuple[np.ndarray, ...]:
+        """One array per output, read-only: telemetry reads the same arrays later.
+
+        Flagged here rather than on every request, where it cost 2 % of a small model's
+        inference, and most callers read only `top1` or `label`.
+        """
+        outputs = self.raw_outputs
+        for output in outputs:
+            output.flags.writeable = False
+        return outputs
 
     @property
     def prediction_id(self) -> str:
@@ -109,7 +123,9 @@ class Prediction:
         answer = self._answer
         if answer is None:
             answer = (
-                (None, None) if not self.outputs else self.model.classifier.one(self.outputs[0])
+                (None, None)
+                if not self.raw_outputs
+                else self.model.classifier.one(self.raw_outputs[0])
             )
             self._answer = answer
         return answer

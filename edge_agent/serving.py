@@ -349,9 +349,6 @@ class Predictor:
                 self._notify("on_error", model)
                 raise
             latency_ms = (time.perf_counter() - start) * 1000.0
-        for output in outputs:
-            # Observers and callers share these arrays; none of them may change another's view.
-            output.setflags(write=False)
         prediction = Prediction(model, outputs, latency_ms, next(self._numbers), self._prefix)
         if self._keeping:
             queue = active.queue
@@ -500,14 +497,14 @@ class Predictor:
 def _stack_outputs(group: list[Prediction]) -> list[np.ndarray] | None:
     """Each output over the group, one flattened sample per row; None when there is nothing
     to stack or the sizes differ between predictions (dynamically shaped outputs)."""
-    if not group or not group[0].outputs:
+    if not group or not group[0].raw_outputs:
         return None
     stacked = []
-    for position, first in enumerate(group[0].outputs):
+    for position, first in enumerate(group[0].raw_outputs):
         try:
             # Joining the buffers is the cheap concatenate: numpy's own works per array.
             # (numpy arrays are buffers; the stubs do not say so.)
-            joined = b"".join(cast("list[bytes]", [p.outputs[position] for p in group]))
+            joined = b"".join(cast("list[bytes]", [p.raw_outputs[position] for p in group]))
         except (BufferError, TypeError, ValueError):
             return None
         flat = np.frombuffer(joined, dtype=first.dtype)
@@ -522,5 +519,5 @@ def _read_one_by_one(group: list[Prediction]) -> tuple[np.ndarray, np.ndarray, n
     confidence = np.array(
         [np.nan if p.confidence is None else p.confidence for p in group], dtype=np.float64
     )
-    nan = np.array([bool(non_finite([o[np.newaxis] for o in p.outputs])[0]) for p in group])
+    nan = np.array([bool(non_finite([o[np.newaxis] for o in p.raw_outputs])[0]) for p in group])
     return top1, confidence, nan.astype(bool)

@@ -9,12 +9,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.base import RequestResponseEndpoint
 
-from fleet_server.api import artifacts, devices, models, rollouts, system
+from fleet_server.api import artifacts, devices, models, rollouts, system, tokens
+from fleet_server.api.docs import mount_docs
 from fleet_server.blobs import BlobStore
+from fleet_server.console import mount_console
 from fleet_server.db import make_engine, make_sessions
 from fleet_server.metrics import Metrics
 from fleet_server.migrate import upgrade
 from fleet_server.rollouts.controller import RolloutController
+from fleet_server.rollouts.watch import LiveGates
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
 from fleet_server.state import DesiredPublisher, FleetState
@@ -36,6 +39,7 @@ def build_state(settings: Settings, *, migrate: bool = True) -> FleetState:
         blobs=BlobStore(settings.blob_dir()),
         topics=Topics(settings.topic_prefix),
         metrics=Metrics(),
+        live_gates=LiveGates(settings.live_gates_max_age_s),
     )
 
 
@@ -64,9 +68,17 @@ def create_app(
         if settings.rollout_interval_s > 0:
             controller = RolloutController(state, settings.rollout_interval_s)
             controller.start()
+        alerts = None
+        if settings.alert_interval_s > 0 and settings.webhooks:
+            from fleet_server.alerts.dispatcher import AlertDispatcher
+
+            alerts = AlertDispatcher(state)
+            alerts.start()
         try:
             yield
         finally:
+            if alerts is not None:
+                alerts.stop()
             if controller is not None:
                 controller.stop()
             if bridge is not None:
@@ -77,7 +89,8 @@ def create_app(
         title="edgefleet fleet server",
         version="0.1.0",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # mount_docs serves it without a CDN
+        redoc_url=None,
     )
     app.state.fleet = state
     for router in (
@@ -86,8 +99,11 @@ def create_app(
         artifacts.router,
         rollouts.router,
         system.router,
+        tokens.router,
     ):
         app.include_router(router)
+    mount_docs(app)
+    mount_console(app)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: RequestResponseEndpoint) -> Response:

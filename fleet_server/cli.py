@@ -130,6 +130,45 @@ def token_create(role: str, name: str | None, **options: Any) -> None:
     click.echo(secret)
 
 
+@token.command("list")
+@storage_options
+@fails_cleanly
+def token_list(**options: Any) -> None:
+    """Every API token: id, role, name, when made and, if so, when revoked."""
+    from fleet_server.app import build_state
+    from fleet_server.services.tokens import list_api_tokens
+
+    state = build_state(make_settings(**options))
+    with state.sessions() as session:
+        for row in list_api_tokens(session):
+            revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
+            click.echo(
+                f"{row.id:>5}  {row.role:<8} {row.name:<24} "
+                f"created {row.created_at:%Y-%m-%d %H:%M}  {revoked}"
+            )
+
+
+@token.command("revoke")
+@storage_options
+@click.argument("token_id", type=int)
+@fails_cleanly
+def token_revoke(token_id: int, **options: Any) -> None:
+    """Revoke the token with this id (see `token list`): the API and the console refuse
+    it from the next request on."""
+    from fleet_server.app import build_state
+    from fleet_server.db import transaction
+    from fleet_server.services.tokens import revoke_api_token
+
+    state = build_state(make_settings(**options))
+    try:
+        with transaction(state.sessions) as session:
+            row = revoke_api_token(session, token_id, actor="cli")
+            name, role = row.name, row.role
+    except LookupError as exc:
+        raise ValueError(str(exc)) from None
+    click.echo(f"revoked token {token_id} ({role} {name})")
+
+
 @cli.group()
 def enrollment() -> None:
     """Enrolment tokens for new devices."""

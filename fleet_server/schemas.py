@@ -98,6 +98,16 @@ class AuditRead(BaseModel):
     details: dict[str, Any]
 
 
+class ApiTokenRead(BaseModel):
+    """A token as admins see it: never the token itself, which only its holder has."""
+
+    id: int
+    name: str
+    role: str
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     database: Literal["ok"]

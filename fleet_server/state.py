@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,6 +13,10 @@ from fleet_server.metrics import Metrics
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
 from protocol.topics import Topics
+
+if TYPE_CHECKING:
+    # Only for the annotation: the gates' module reaches this one through the controller.
+    from fleet_server.rollouts.watch import LiveGates
 
 
 class DesiredPublisher:
@@ -36,5 +41,6 @@ class FleetState:
     blobs: BlobStore
     topics: Topics
     metrics: Metrics
+    live_gates: LiveGates
     broker: BrokerAccess | None = None
     publisher: DesiredPublisher = field(default_factory=DesiredPublisher)

@@ -21,6 +21,7 @@ from fleet_server.mosquitto import free_port
 from fleet_server.processes import stop_process
 
 WAIT = 60.0
+FAST_TELEMETRY = {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
 AGENT = (sys.executable, "-m", "edge_agent.cli")
 
 
@@ -186,3 +187,20 @@ def agent_serving(
     fleet.desire(device_id, name, version)
     eventually(lambda: agent.serving() == version)
     return device_id, agent
+
+
+def lab_serving(
+    fleet: Fleet, root: Path, trusted_key: Path, count: int, name: str, version: str
+) -> dict[str, AgentProcess]:
+    """`count` agents tagged `lab`, enrolled, running with telemetry every 0.5 s, and
+    converged on `name` `version`; by device id."""
+    agents: dict[str, AgentProcess] = {}
+    for i in range(count):
+        device_id, agent = enroll_agent(
+            fleet, root / f"agent-{i}", trusted_key, tags="lab", **FAST_TELEMETRY
+        )
+        agent.start()
+        fleet.desire(device_id, name, version)
+        agents[device_id] = agent
+    eventually(lambda: all(a.serving() == version for a in agents.values()))
+    return agents

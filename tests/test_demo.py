@@ -41,6 +41,7 @@ def test_the_demo_rolls_out_the_good_model_and_rolls_back_the_broken_one(
     assert len(devices) == 5
     assert {serving for _, _, serving in devices} == {"2.0.0"}
     assert "accuracy_drop" in result.stdout
+    assert "the web console: http://127.0.0.1:" in result.stdout
     # It cleaned up: no agent, server or broker from it is left running.
     leftover = subprocess.run(
         ["pgrep", "-f", str(out)], capture_output=True, text=True, check=False

@@ -17,11 +17,10 @@ from demo.loadgen import LoadGenerator
 from protocol.manifest import MANIFEST_FILE, ArrayData, manifest_to_json, read_manifest
 from protocol.signing import load_private_key, sign_manifest
 from tests.bundles import Bundle, DigitsBundles, convert
-from tests.fleet import AgentProcess, Fleet, enroll_agent, eventually, running_fleet
+from tests.fleet import AgentProcess, Fleet, eventually, lab_serving, running_fleet
 
 pytestmark = pytest.mark.slow
 
-FAST_TELEMETRY = {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
 ROLLOUT_WAIT = 120.0
 
 
@@ -94,15 +93,7 @@ def demo(
     with running_fleet(tmp_path, mosquitto_executable) as fleet:
         for bundle in (digits.v1, digits.v2, broken):
             fleet.upload(bundle.folder, bundle.public_key)
-        agents: dict[str, AgentProcess] = {}
-        for i in range(3):
-            device_id, agent = enroll_agent(
-                fleet, tmp_path / f"agent-{i}", digits.v1.public_key, tags="lab", **FAST_TELEMETRY
-            )
-            agent.start()
-            fleet.desire(device_id, "digits", "1.0.0")
-            agents[device_id] = agent
-        eventually(lambda: all(a.serving() == "1.0.0" for a in agents.values()))
+        agents = lab_serving(fleet, tmp_path, digits.v1.public_key, 3, "digits", "1.0.0")
         load = LoadGenerator([a.api_port for a in agents.values()], data["x"], data["y"])
         load.start()
         demo = Demo(fleet, agents, load)

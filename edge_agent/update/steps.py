@@ -17,9 +17,10 @@ import numpy as np
 
 from edge_agent.model import LoadedModel
 from edge_agent.runtime import ModelLoadError
+from edge_agent.verify_signature import VerifierError, verify_in_child
 from protocol.manifest import Manifest, ManifestError, semver_key
 from protocol.messages import DesiredState, ModelTarget
-from protocol.signing import TrustedKey, verify_model_file, verify_signature
+from protocol.signing import TrustedKey, verify_model_file
 
 CHUNK = 1 << 16
 TIMEOUT_S = 30.0
@@ -58,9 +59,15 @@ def check_desired(
     if not keys:
         raise Refused("no trusted publisher keys are pinned in agent.toml (trusted_keys)")
     try:
-        verify_signature(signed, keys)
+        # In a child process, so that the serving process never loads the crypto library
+        # (~8 MiB resident with its own OpenSSL, kept for good once imported, for a check
+        # made once per update) nor parses untrusted signatures: see verify_signature.py.
+        verify_in_child(signed, keys)
     except ManifestError as exc:
         raise Refused(str(exc)) from None
+    except VerifierError as exc:
+        # No answer is not a pass; nor is it the publisher's fault: failed, not rejected.
+        raise StepError(str(exc)) from None
     manifest = signed.manifest
     if manifest.runtime.requires_flex:
         ops = ", ".join(manifest.runtime.flex_ops) or "TensorFlow ops"
@@ -120,6 +127,8 @@ def download(target: ModelTarget, dest: Path, auth: tuple[str, str], max_bytes: 
 
 
 def verify(manifest: Manifest, model_file: Path) -> None:
+    """The downloaded bytes against the manifest whose signature `check_desired` verified:
+    hashlib only, so this stays in-process."""
     try:
         verify_model_file(manifest, model_file)
     except ManifestError as exc:

@@ -14,6 +14,7 @@ from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
 from fleet_server.models import Rollout, RolloutDevice, RolloutEvent
 from fleet_server.rollouts import controller, service
 from fleet_server.rollouts.spec import RolloutCreate
+from fleet_server.rollouts.watch import LiveGates
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 
@@ -134,11 +135,17 @@ def list_rollouts(session: SessionDep, _: Viewer, state: str | None = None) -> l
 
 
 @router.get("/rollouts/{rollout_id}", response_model=RolloutDetail)
-def show_rollout(rollout_id: int, session: SessionDep, _: Viewer) -> RolloutDetail:
+def show_rollout(rollout_id: int, session: SessionDep, state: StateDep, _: Viewer) -> RolloutDetail:
     try:
-        rollout = service.get(session, rollout_id)
+        return rollout_detail(session, rollout_id, state.live_gates)
     except service.NotFound as exc:
         raise _errors(exc) from None
+
+
+def rollout_detail(session: Session, rollout_id: int, live_gates: LiveGates) -> RolloutDetail:
+    """Everything about one rollout, its current wave's gates as `live_gates` has them;
+    raises service.NotFound. The API and the console show the same."""
+    rollout = service.get(session, rollout_id)
     spec = RolloutCreate.model_validate(rollout.spec)
     members = list(
         session.scalars(
@@ -151,8 +158,7 @@ def show_rollout(rollout_id: int, session: SessionDep, _: Viewer) -> RolloutDeta
     if rollout.phase is not None and rollout.state not in service.FINAL_STATES:
         current = [m for m in members if m.wave == rollout.wave]
         gates = [
-            GateRead.model_validate(r.as_dict())
-            for r in controller.judge(session, rollout, current)
+            GateRead.model_validate(r.as_dict()) for r in live_gates(session, rollout, current)
         ]
     events = session.scalars(
         select(RolloutEvent).where(RolloutEvent.rollout_id == rollout.id).order_by(RolloutEvent.id)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import func, select, text
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import select, text
 
+from fleet_server import fleet_metrics
 from fleet_server.api.deps import Admin, SessionDep, StateDep
-from fleet_server.models import AuditEvent, Device, ModelVersion
+from fleet_server.models import AuditEvent
 from fleet_server.schemas import MAX_OFFSET, AuditRead, Health
 
 router = APIRouter(tags=["system"])
@@ -27,14 +28,9 @@ def healthz(session: SessionDep, state: StateDep) -> Health:
 
 @router.get("/metrics", response_class=Response)
 def metrics(session: SessionDep, state: StateDep) -> Response:
-    # Not dict(result): a Result has keys(), so dict() would read it as a mapping.
-    grouped = session.execute(select(Device.status, func.count()).group_by(Device.status))
-    counts = {status: count for status, count in grouped}
-    for status in ("online", "offline", "decommissioned"):
-        state.metrics.devices.labels(status).set(counts.get(status, 0))
-    state.metrics.models.set(session.scalar(select(func.count()).select_from(ModelVersion)) or 0)
-    state.metrics.mqtt_connected.set(1 if state.publisher.connected else 0)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Unauthenticated, as Prometheus scrapes it: it carries counts, model versions, rollout
+    # ids and gate figures, never a device id, token or free-text reason.
+    return Response(fleet_metrics.render(session, state), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/api/v1/audit", response_model=list[AuditRead])

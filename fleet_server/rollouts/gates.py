@@ -21,6 +21,8 @@ from enum import StrEnum
 from typing import Literal
 
 Install = Literal["pending", "succeeded", "failed", "timed_out"]
+# Gates whose threshold is a minimum to reach; every other gate's is a maximum.
+AT_LEAST = frozenset({"shadow_agreement"})
 Phase = Literal["shadow", "active"]
 
 
@@ -189,7 +191,6 @@ def _error_rate(gates: Gates, limit: float, devices: Sequence[DeviceEvidence]) -
         "error_rate",
         rate,
         limit,
-        too_high=True,
         enough=_enough(reporting, predictions, gates, gates.min_predictions),
         evidence=predictions,
         needed=gates.min_predictions,
@@ -229,7 +230,6 @@ def _latency(gates: Gates, limit: float, devices: Sequence[DeviceEvidence]) -> G
         "latency_p95_ratio",
         ratio,
         limit,
-        too_high=True,
         enough=_enough(compared, predictions, gates, gates.min_predictions),
         evidence=predictions,
         needed=gates.min_predictions,
@@ -250,7 +250,6 @@ def _accuracy(gates: Gates, limit: float, devices: Sequence[DeviceEvidence]) -> 
         "accuracy_drop",
         drop,
         limit,
-        too_high=True,
         enough=_enough(labelling, evidence, gates, gates.min_labelled),
         evidence=evidence,
         needed=gates.min_labelled,
@@ -269,7 +268,6 @@ def _agreement(gates: Gates, limit: float, devices: Sequence[DeviceEvidence]) ->
         "shadow_agreement",
         rate,
         limit,
-        too_high=False,
         enough=_enough(comparing, compared, gates, gates.min_compared),
         evidence=compared,
         needed=gates.min_compared,
@@ -291,7 +289,6 @@ def _confidence(
         "confidence_drop",
         drop,
         limit,
-        too_high=True,
         enough=_enough(reporting, count, gates, gates.min_predictions),
         evidence=count,
         needed=gates.min_predictions,
@@ -320,7 +317,6 @@ def _class_shift(
         "class_shift",
         shift,
         limit,
-        too_high=True,
         enough=_enough(reporting, counted, gates, gates.min_predictions),
         evidence=counted,
         needed=gates.min_predictions,
@@ -333,7 +329,6 @@ def _judge(
     measured: float | None,
     limit: float,
     *,
-    too_high: bool,
     enough: bool,
     evidence: int,
     needed: int,
@@ -341,7 +336,7 @@ def _judge(
 ) -> GateResult:
     if not enough or measured is None or math.isnan(measured):
         verdict = Verdict.WAIT
-    elif (measured > limit) if too_high else (measured < limit):
+    elif (measured < limit) if gate in AT_LEAST else (measured > limit):
         verdict = Verdict.FAIL
     else:
         verdict = Verdict.PASS

@@ -34,6 +34,23 @@ def create_api_token(session: Session, role: Role, name: str, actor: str) -> str
     return token
 
 
+def list_api_tokens(session: Session) -> list[ApiToken]:
+    return list(session.scalars(select(ApiToken).order_by(ApiToken.id)))
+
+
+def revoke_api_token(session: Session, token_id: int, actor: str) -> ApiToken:
+    """Revoke a token by its id; raises LookupError for an id that never existed. Every
+    request it makes afterwards is refused, console sessions included. Revoking twice
+    keeps the first time."""
+    row = session.get(ApiToken, token_id)
+    if row is None:
+        raise LookupError(f"no API token with id {token_id}")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        audit.record(session, actor, "token.revoke", row.name, id=token_id, role=row.role)
+    return row
+
+
 def authenticate(session: Session, token: str) -> Caller | None:
     row = session.scalar(select(ApiToken).where(ApiToken.token_hash == secret_hash(token)))
     if row is None or row.revoked_at is not None:

@@ -41,7 +41,7 @@ def test_the_file_is_read_and_variables_override_it(tmp_path: Path) -> None:
     assert config.settings.threads == 2
     assert config.settings.telemetry_interval_s == 30.0
     assert config.mqtt_address == ("broker.local", 1884)
-    assert [k.keyid for k in config.keys] == [key_id(load_public_key(public).key)]
+    assert [k.keyid for k in config.keys] == [key_id(load_public_key(public).raw)]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ serving keeps serving."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from edge_agent.model import load_model
 from edge_agent.serving import Predictor
+from edge_agent.update import steps
 from edge_agent.update.machine import (
     MAX_ATTEMPTS,
     Record,
@@ -25,6 +27,7 @@ from edge_agent.update.machine import (
     save_record,
 )
 from edge_agent.update.states import RESTING, TRANSITIONS, Event, next_state
+from edge_agent.verify_signature import verify_in_child
 from protocol.manifest import ArrayData, SignedManifest, read_manifest
 from protocol.messages import DesiredState, ModelTarget, UpdateReport, UpdateState
 from protocol.schema import encode
@@ -255,6 +258,25 @@ def test_a_manifest_signed_by_an_unknown_key_is_rejected(
     update = desired(digits.v2, artifacts, signed=_resigned(digits.v2, {}, private))
     assert device.machine.apply(update) is S.REJECTED
     assert "none of which is trusted" in device.reason(update.seq)
+    assert device.serving() == "1.0.0"
+
+
+def test_a_signature_check_that_gives_no_answer_fails_the_update(
+    device: Device,
+    digits: DigitsBundles,
+    artifacts: ArtifactServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    # The child that checks signatures cannot start (a broken install, say): not a pass.
+    unstartable = functools.partial(verify_in_child, executable=str(tmp_path / "no-python"))
+    monkeypatch.setattr(steps, "verify_in_child", unstartable)
+    requests = len(artifacts.requests)
+    update = desired(digits.v2, artifacts)
+    assert device.machine.apply(update) is S.FAILED
+    assert "the signature check could not start" in device.reason(update.seq)
+    assert len(artifacts.requests) == requests
     assert device.serving() == "1.0.0"
 
 

@@ -34,6 +34,35 @@ def test_bad_arguments_are_refused(data_dir: Path) -> None:
     assert "invalid tag" in result.output
 
 
+def test_tokens_are_listed_and_revoked_by_id(data_dir: Path) -> None:
+    from fleet_server.app import build_state
+    from fleet_server.services.tokens import authenticate
+    from fleet_server.settings import Settings
+
+    where = ("--data-dir", str(data_dir))
+    kept = run("token", "create", *where, "--role", "viewer", "--name", "dashboard").output
+    leaving = run("token", "create", *where, "--role", "operator", "--name", "ci").output
+    listed = run("token", "list", *where).output.splitlines()
+    assert [line.split()[:3] for line in listed] == [
+        ["1", "viewer", "dashboard"],
+        ["2", "operator", "ci"],
+    ]
+    assert all(line.endswith("active") for line in listed)
+
+    revoked = run("token", "revoke", *where, "2")
+    assert revoked.exit_code == 0, revoked.output
+    assert revoked.output.strip() == "revoked token 2 (operator ci)"
+    assert "revoked 20" in run("token", "list", *where).output.splitlines()[1]
+    state = build_state(Settings(data_dir=data_dir))
+    with state.sessions() as session:
+        assert authenticate(session, leaving.strip()) is None
+        assert authenticate(session, kept.strip()) is not None
+
+    unknown = run("token", "revoke", *where, "99")
+    assert unknown.exit_code == 2
+    assert "no API token with id 99" in unknown.output
+
+
 def test_broker_config_refuses_to_overwrite(data_dir: Path) -> None:
     assert run("broker-config", "--data-dir", str(data_dir), "--port", "18830").exit_code == 0
     conf = (data_dir / "broker" / "mosquitto.conf").read_text()

@@ -34,7 +34,7 @@ from protocol.messages import (
     encode_payload,
     payload_type,
 )
-from protocol.signing import TrustedKey, key_id, sign_manifest, verify_signature
+from protocol.signing import TrustedKey, sign_manifest, verify_signature
 from protocol.topics import SPEC, TopicKind
 from tests.protocol.conftest import make_manifest
 
@@ -194,7 +194,7 @@ def test_encode_is_compact_and_round_trips(golden: str, example: Payload) -> Non
 def test_the_manifest_survives_the_wire_and_its_signature_verifies() -> None:
     received = decode_payload(DesiredState, encode_payload(DESIRED))
     assert received.model is not None
-    pinned = TrustedKey(key_id(SIGNING_KEY.public_key()), SIGNING_KEY.public_key())
+    pinned = TrustedKey.from_raw(SIGNING_KEY.public_key().public_bytes_raw())
     verify_signature(received.model.signed_manifest(), [pinned])
 
 
@@ -203,7 +203,7 @@ def test_a_manifest_changed_after_signing_decodes_but_does_not_verify() -> None:
     manifest = signed_manifest_json()
     manifest["manifest"]["labels"][0] = "zero"
     target = make_target(manifest=manifest)
-    pinned = TrustedKey(key_id(SIGNING_KEY.public_key()), SIGNING_KEY.public_key())
+    pinned = TrustedKey.from_raw(SIGNING_KEY.public_key().public_bytes_raw())
     with pytest.raises(ManifestError, match="does not verify"):
         verify_signature(target.signed_manifest(), [pinned])
 

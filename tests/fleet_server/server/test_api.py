@@ -312,6 +312,29 @@ def test_decommission_revokes_the_credential_at_once(server: Server, bundle: Bun
 # -- system --------------------------------------------------------------------------------------
 
 
+def test_admins_list_and_revoke_tokens(server: Server) -> None:
+    admin = server.token(Role.admin, "root")
+    operator = server.token(Role.operator, "ci")
+    listed = server.client.get("/api/v1/tokens", headers=admin)
+    assert listed.status_code == 200
+    rows = {row["name"]: row for row in listed.json()}
+    assert set(rows) == {"root", "ci"}
+    assert all("token" not in key and "hash" not in key for key in rows["ci"])
+    assert server.client.get("/api/v1/tokens", headers=operator).status_code == 403
+    ci = rows["ci"]["id"]
+    assert server.client.delete(f"/api/v1/tokens/{ci}", headers=operator).status_code == 403
+
+    assert server.client.delete(f"/api/v1/tokens/{ci}", headers=admin).status_code == 204
+    assert server.client.get("/api/v1/devices", headers=operator).status_code == 401
+    again = server.client.get("/api/v1/tokens", headers=admin).json()
+    assert [row["revoked_at"] is not None for row in again] == [False, True]
+    missing = server.client.delete("/api/v1/tokens/999", headers=admin)
+    assert missing.status_code == 404
+    assert "no API token with id 999" in missing.text
+    actions = [e["action"] for e in server.client.get("/api/v1/audit", headers=admin).json()]
+    assert actions.count("token.revoke") == 1
+
+
 def test_healthz_metrics_and_audit(server: Server, bundle: Bundle) -> None:
     assert server.client.get("/healthz").json() == {
         "status": "ok",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,48 +15,14 @@ from fleet_server.db import transaction
 from fleet_server.models import (
     AuditEvent,
     DesiredState,
-    Device,
     Rollout,
     RolloutDevice,
     UpdateReportRow,
 )
 from fleet_server.rollouts import controller
-from tests.bundles import Bundle, convert
 from tests.fleet_server.server.conftest import Server
 
 T0 = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)
-
-
-@pytest.fixture(scope="session")
-def bundle_v2(
-    bundle: Bundle, reference_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
-) -> Bundle:
-    root = tmp_path_factory.mktemp("bundle-v2")
-    return convert(
-        reference_models["tabular"],
-        root / "tabular",
-        "tabular",
-        "2.0.0",
-        bundle.private_key,
-        bundle.public_key,
-    )
-
-
-@pytest.fixture
-def fleet(server: Server, bundle: Bundle, bundle_v2: Bundle) -> dict[str, Any]:
-    admin = server.token(Role.admin)
-    key = {"name": "publisher", "public_key": bundle.public_key.read_text()}
-    assert server.client.post("/api/v1/keys", json=key, headers=admin).status_code == 201
-    for b in (bundle, bundle_v2):
-        response = server.client.post("/api/v1/models", files=b.files(), headers=admin)
-        assert response.status_code == 201, response.text
-    devices = [server.enroll(token=server.enrollment(tags=["lab"]))["device_id"] for _ in range(10)]
-    with transaction(server.state.sessions) as session:
-        for device_id in devices:
-            device = session.get(Device, device_id)
-            assert device is not None
-            device.model_name, device.model_version = "tabular", "1.0.0"
-    return {"admin": admin, "devices": devices}
 
 
 def body(**changes: Any) -> dict[str, Any]:
@@ -147,19 +112,19 @@ def installing(server: Server, rollout_id: int) -> list[RolloutDevice]:
     ],
 )
 def test_bad_requests_are_refused_and_create_nothing(
-    server: Server, fleet: dict[str, Any], changes: dict[str, Any], status: int, message: str
+    server: Server, lab: dict[str, Any], changes: dict[str, Any], status: int, message: str
 ) -> None:
-    response = server.client.post("/api/v1/rollouts", json=body(**changes), headers=fleet["admin"])
+    response = server.client.post("/api/v1/rollouts", json=body(**changes), headers=lab["admin"])
     assert response.status_code == status, response.text
     assert message in response.text
-    assert server.client.get("/api/v1/rollouts", headers=fleet["admin"]).json() == []
+    assert server.client.get("/api/v1/rollouts", headers=lab["admin"]).json() == []
 
 
-def test_viewers_may_look_but_not_act(server: Server, fleet: dict[str, Any]) -> None:
+def test_viewers_may_look_but_not_act(server: Server, lab: dict[str, Any]) -> None:
     viewer = server.token(Role.viewer)
     refused = server.client.post("/api/v1/rollouts", json=body(), headers=viewer)
     assert refused.status_code == 403
-    created = create(server, fleet["admin"])
+    created = create(server, lab["admin"])
     assert server.client.get(f"/api/v1/rollouts/{created['id']}", headers=viewer).status_code == 200
     assert (
         server.client.post(f"/api/v1/rollouts/{created['id']}/pause", headers=viewer).status_code
@@ -168,18 +133,18 @@ def test_viewers_may_look_but_not_act(server: Server, fleet: dict[str, Any]) -> 
 
 
 def test_a_device_takes_part_in_one_active_rollout_at_a_time(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
-    create(server, fleet["admin"])
-    again = server.client.post("/api/v1/rollouts", json=body(), headers=fleet["admin"])
+    create(server, lab["admin"])
+    again = server.client.post("/api/v1/rollouts", json=body(), headers=lab["admin"])
     assert again.status_code == 409
     assert "in another active rollout" in again.json()["detail"]
 
 
 def test_waves_are_cut_from_the_target_and_the_last_takes_the_rest(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
-    created = create(server, fleet["admin"])
+    created = create(server, lab["admin"])
     assert [w["devices"] for w in created["waves"]] == [1, 5, 4]
     assert created["state"] == "running"
     assert [w["status"] for w in created["waves"]] == ["waiting"] * 3
@@ -189,9 +154,9 @@ def test_waves_are_cut_from_the_target_and_the_last_takes_the_rest(
 
 
 def test_each_wave_starts_installs_passes_and_the_rollout_completes(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
-    rollout_id = create(server, fleet["admin"])["id"]
+    rollout_id = create(server, lab["admin"])["id"]
     now = T0
     for wave, size in enumerate((1, 5, 4)):
         rollout = step(server, rollout_id, now)
@@ -210,16 +175,16 @@ def test_each_wave_starts_installs_passes_and_the_rollout_completes(
         now += dt.timedelta(seconds=1)
         rollout = step(server, rollout_id, now)
     assert rollout.state == "completed"
-    shown = server.client.get(f"/api/v1/rollouts/{rollout_id}", headers=fleet["admin"]).json()
+    shown = server.client.get(f"/api/v1/rollouts/{rollout_id}", headers=lab["admin"]).json()
     assert {d["state"] for d in shown["devices"]} == {"active"}
     kinds = [e["kind"] for e in shown["events"]]
     assert kinds == ["created"] + ["wave_started", "gates_passed"] * 3 + ["completed"]
 
 
 def test_a_failed_install_rolls_back_every_device_touched(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
-    rollout_id = create(server, fleet["admin"])["id"]
+    rollout_id = create(server, lab["admin"])["id"]
     step(server, rollout_id, T0)
     [first] = installing(server, rollout_id)
     report(server, first, "active", T0)
@@ -243,9 +208,9 @@ def test_a_failed_install_rolls_back_every_device_touched(
 
 
 def test_a_device_silent_past_its_timeout_counts_as_failed(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
-    rollout_id = create(server, fleet["admin"], device_timeout_s=60, on_failure="pause")["id"]
+    rollout_id = create(server, lab["admin"], device_timeout_s=60, on_failure="pause")["id"]
     step(server, rollout_id, T0)
     rollout = step(server, rollout_id, T0 + dt.timedelta(seconds=61))
     assert rollout.state == "paused"
@@ -255,10 +220,10 @@ def test_a_device_silent_past_its_timeout_counts_as_failed(
 
 
 def test_a_wave_short_of_evidence_pauses_after_its_evidence_timeout(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
     gates = {"max_error_rate": 0.01, "min_predictions": 100}
-    rollout_id = create(server, fleet["admin"], gates=gates, evidence_timeout_s=300)["id"]
+    rollout_id = create(server, lab["admin"], gates=gates, evidence_timeout_s=300)["id"]
     step(server, rollout_id, T0)
     [member] = installing(server, rollout_id)
     report(server, member, "active", T0)
@@ -270,9 +235,9 @@ def test_a_wave_short_of_evidence_pauses_after_its_evidence_timeout(
 
 
 def test_a_device_joining_the_target_mid_rollout_joins_the_current_wave(
-    server: Server, fleet: dict[str, Any]
+    server: Server, lab: dict[str, Any]
 ) -> None:
-    rollout_id = create(server, fleet["admin"])["id"]
+    rollout_id = create(server, lab["admin"])["id"]
     step(server, rollout_id, T0)
     newcomer = server.enroll(token=server.enrollment(tags=["lab"]))["device_id"]
     other = server.enroll(token=server.enrollment(tags=["elsewhere"]))["device_id"]
@@ -284,8 +249,8 @@ def test_a_device_joining_the_target_mid_rollout_joins_the_current_wave(
         assert session.get(DesiredState, newcomer) is not None
 
 
-def test_operators_pause_resume_abort_and_roll_back(server: Server, fleet: dict[str, Any]) -> None:
-    admin = fleet["admin"]
+def test_operators_pause_resume_abort_and_roll_back(server: Server, lab: dict[str, Any]) -> None:
+    admin = lab["admin"]
     rollout_id = create(server, admin)["id"]
     step(server, rollout_id, T0)
 
@@ -313,27 +278,24 @@ def test_operators_pause_resume_abort_and_roll_back(server: Server, fleet: dict[
     )
 
 
-def test_an_aborted_rollout_leaves_devices_as_they_are(
-    server: Server, fleet: dict[str, Any]
-) -> None:
-    rollout_id = create(server, fleet["admin"])["id"]
+def test_an_aborted_rollout_leaves_devices_as_they_are(server: Server, lab: dict[str, Any]) -> None:
+    rollout_id = create(server, lab["admin"])["id"]
     step(server, rollout_id, T0)
-    response = server.client.post(f"/api/v1/rollouts/{rollout_id}/abort", headers=fleet["admin"])
+    response = server.client.post(f"/api/v1/rollouts/{rollout_id}/abort", headers=lab["admin"])
     assert response.json()["state"] == "aborted"
     assert {m.state for m in members(server, rollout_id)} == {"installing", "pending"}
     # Its devices are free for the next rollout.
     assert (
-        server.client.post("/api/v1/rollouts", json=body(), headers=fleet["admin"]).status_code
-        == 201
+        server.client.post("/api/v1/rollouts", json=body(), headers=lab["admin"]).status_code == 201
     )
 
 
 def test_a_rollout_another_replica_is_stepping_is_skipped(
-    server: Server, fleet: dict[str, Any], database_url: str
+    server: Server, lab: dict[str, Any], database_url: str
 ) -> None:
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share PostgreSQL; on SQLite one server writes at a time anyway")
-    rollout_id = create(server, fleet["admin"])["id"]
+    rollout_id = create(server, lab["admin"])["id"]
     other = controller.RolloutController(server.state, interval_s=1)
     holding, release = threading.Event(), threading.Event()
 
