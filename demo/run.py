@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,7 @@ import httpx
 import numpy as np
 
 from demo.loadgen import LoadGenerator
-from fleet_server.local_fleet import LocalFleet
-from fleet_server.mosquitto import free_port
-from fleet_server.processes import stop_process
+from fleet_server.local_fleet import LocalAgent, LocalFleet
 
 AGENTS = (
     ("cam-1", "site-a"),
@@ -96,13 +95,22 @@ class Fleet(LocalFleet):
         return response.json()
 
 
-class Agent:
-    def __init__(self, name: str, tag: str, root: Path) -> None:
-        self.name, self.tag = name, tag
-        self.state_dir = root / "agents" / name
-        self.port = free_port()
-        self.device_id = ""
-        self.process: subprocess.Popen[bytes] | None = None
+@dataclass
+class Agent(LocalAgent):
+    """A camera of the story: `edge-agent run` with a name and a site tag."""
+
+    name: str = ""
+    tag: str = ""
+    device_id: str = ""
+
+    @classmethod
+    def under(cls, root: Path, name: str, tag: str) -> Agent:
+        return cls(
+            root / "agents" / name,
+            env={"EDGE_AGENT_TELEMETRY_INTERVAL_S": "1"},
+            name=name,
+            tag=tag,
+        )
 
     def enroll(self, fleet: Fleet, public_key: Path) -> None:
         token = fleet.cli("enrollment", "create", "--tags", self.tag)
@@ -112,34 +120,6 @@ class Agent:
             *("--state-dir", self.state_dir, "--trusted-key", public_key, "--tags", self.tag),
             *("--name", self.name),
         )
-
-    def start(self) -> None:
-        log = (self.state_dir.parent / f"{self.name}.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                tool("edge-agent"),
-                "run",
-                "--state-dir",
-                str(self.state_dir),
-                "--api-port",
-                str(self.port),
-            ],
-            env={**os.environ, "EDGE_AGENT_TELEMETRY_INTERVAL_S": "1"},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-
-    def serving(self) -> str | None:
-        try:
-            model = (
-                httpx.get(f"http://127.0.0.1:{self.port}/v1/health", timeout=2).json().get("model")
-            )
-        except httpx.HTTPError:
-            return None
-        return str(model["version"]) if model else None
-
-    def stop(self) -> None:
-        stop_process(self.process)
 
 
 def until(check: Any, what: str, timeout: float = WAIT_S) -> Any:
@@ -197,7 +177,11 @@ def build_models(root: Path, models_dir: Path) -> dict[str, Path]:
 
 
 def rollout(
-    fleet: Fleet, version: str, waves: list[dict[str, Any]], gates: dict[str, Any]
+    fleet: Fleet,
+    agents: list[Agent],
+    version: str,
+    waves: list[dict[str, Any]],
+    gates: dict[str, Any],
 ) -> dict[str, Any]:
     created = fleet.call(
         "POST",
@@ -223,7 +207,10 @@ def rollout(
         if detail["state"] in ("completed", "rolled_back", "aborted", "paused"):
             return dict(detail)
         time.sleep(0.5)
-    raise click.ClickException(f"rollout {rollout_id} did not finish in {WAIT_S:.0f} s")
+    raise click.ClickException(
+        f"rollout {rollout_id} did not finish in {WAIT_S:.0f} s\n"
+        + _where_it_stands(fleet, agents, detail)
+    )
 
 
 @click.command()
@@ -270,18 +257,24 @@ def main(out: Path, models_dir: Path, keep_running: bool, screenshots: Path | No
 
         say("Deploy v1 everywhere", step=True)
         first = rollout(
-            fleet, "1.0.0", [{"percent": 100, "bake_s": 0}], {"max_install_failure_ratio": 0.0}
+            fleet,
+            agents,
+            "1.0.0",
+            [{"percent": 100, "bake_s": 0}],
+            {"max_install_failure_ratio": 0.0},
         )
         until(lambda: all(a.serving() == "1.0.0" for a in agents), "every agent to serve v1")
         data = np.load(models_dir / "digits" / "eval.npz")
-        load = LoadGenerator([a.port for a in agents], data["x"], data["y"], rate_per_s=25).start()
+        load = LoadGenerator(
+            [a.api_port for a in agents], data["x"], data["y"], rate_per_s=25
+        ).start()
         say("load generator: 25 predictions/s per device, each followed by its true label")
         until(lambda: _labelled(fleet, "1.0.0") >= 300, "v1's accuracy to be measured")
 
         say("Roll out v2 (int8) in waves, gated on accuracy and latency", step=True)
-        good = rollout(fleet, "2.0.0", _waves(), GATES)
+        good = rollout(fleet, agents, "2.0.0", _waves(), GATES)
         say("Roll out v3 (the broken one) the same way", step=True)
-        bad = rollout(fleet, "3.0.0", _waves(), GATES)
+        bad = rollout(fleet, agents, "3.0.0", _waves(), GATES)
         until(lambda: all(a.serving() == "2.0.0" for a in agents), "every agent back on v2")
         if screenshots is not None:
             _screenshots(fleet, agents, bad["id"], screenshots)
@@ -351,6 +344,33 @@ def _narrate(event: dict[str, Any]) -> None:
     say(event["message"])
 
 
+def _where_it_stands(fleet: Fleet, agents: list[Agent], detail: dict[str, Any]) -> str:
+    """What a stuck rollout waits for: its devices, what each agent says, their logs' ends."""
+    names = {a.device_id: a for a in agents}
+    lines = [f"rollout {detail['id']} is {detail['state']} at wave {detail['wave'] + 1}:"]
+    for member in detail["devices"]:
+        agent = names.get(member["device_id"])
+        lines.append(
+            f"  {agent.name if agent else member['device_id']}: wave {member['wave'] + 1} "
+            f"{member['state']} {member.get('reason') or ''}"
+        )
+        if agent is None or member["state"] not in ("pending", "installing"):
+            continue
+        try:
+            health: dict[str, Any] = agent.health()
+        except (httpx.HTTPError, ValueError) as exc:
+            health = {"error": str(exc)}
+        lines.append(f"    its agent says: {json.dumps(health)[:600]}")
+        lines.extend(f"    | {line}" for line in agent.log().splitlines()[-15:])
+    server_log = fleet.root / "fleet-server.log"
+    if server_log.exists():
+        lines.append("the server's log ends:")
+        lines.extend(
+            f"  | {line}" for line in server_log.read_text(errors="replace").splitlines()[-20:]
+        )
+    return "\n".join(lines)
+
+
 def _waves() -> list[dict[str, Any]]:
     return [{"count": 1, "bake_s": 4}, {"percent": 40, "bake_s": 4}, {"percent": 100, "bake_s": 4}]
 
@@ -382,7 +402,7 @@ def _summary(
     click.echo()
     click.echo(f"   {'device':<8} {'tag':<8} {'serving':<8} {'requests':>9} {'right':>7}")
     for agent in agents:
-        traffic = load.traffic[agent.port]
+        traffic = load.traffic[agent.api_port]
         right = traffic.correct / traffic.feedback if traffic.feedback else 0.0
         serving = agent.serving() or "-"
         click.echo(
@@ -396,7 +416,7 @@ def _fleet(root: Path) -> Iterator[tuple[Fleet, list[Agent]]]:
     fleet = Fleet.start(root, rollout_interval_s=0.5)
     say(f"Mosquitto on {fleet.broker.host}:{fleet.broker.port} (device ACLs by dynamic security)")
     say(f"fleet server on {fleet.base} (SQLite in {fleet.data_dir})")
-    agents = [Agent(name, tag, root) for name, tag in AGENTS]
+    agents = [Agent.under(root, name, tag) for name, tag in AGENTS]
     try:
         yield fleet, agents
     finally:

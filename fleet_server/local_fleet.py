@@ -1,5 +1,6 @@
-"""A fleet on this machine: a Mosquitto configured by `broker-config` and `fleet-server
-serve` on SQLite, each a process of its own on free ports, under one folder.
+"""A fleet on this machine: a Mosquitto configured by `broker-config`, `fleet-server
+serve` on SQLite and `edge-agent run` processes, each a process of its own on free
+ports, under one folder.
 
 What `make demo`, the benchmarks and the end-to-end tests start, so that all three run
 the server exactly as an operator would, and none of them repeats how.
@@ -8,10 +9,11 @@ the server exactly as an operator would, and none of them repeats how.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -144,3 +146,89 @@ class LocalFleet:
                 return [tuple(row) for row in connection.execute(text(query), params)]
         finally:
             engine.dispose()
+
+
+# What `edge-agent run` prints on stderr once its local API listens (edge_agent/cli.py).
+_AGENT_SERVING = re.compile(rb"edge-agent serving on http://[^\s:]+:(\d+)")
+
+
+@dataclass
+class LocalAgent:
+    """`edge-agent run` on a state dir, started and stopped as a service manager would.
+
+    The first start asks for any free port (`--api-port 0`) and reads which one from the
+    agent's "serving on" line. A port picked beforehand could be taken by the time the
+    agent binds it (an outgoing connection's ephemeral port, say), and the agent would
+    exit. A restart keeps its port, as a service's configuration would.
+    """
+
+    state_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    api_port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir.parent / f"{self.state_dir.name}.log"
+
+    def start(self, **env: str) -> None:
+        """Start, and return once the local API listens; raises RuntimeError (with the
+        end of the agent's log) if the agent exits or is not up in START_TIMEOUT_S."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    *(sys.executable, "-m", "edge_agent.cli", "run"),
+                    *("--state-dir", str(self.state_dir), "--api-port", str(self.api_port)),
+                ],
+                env={**os.environ, **self.env, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while (port := self._announced_port(offset)) is None:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"edge-agent exited with {self.process.returncode}:\n{self.log()}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"edge-agent did not start within {START_TIMEOUT_S:g} s")
+            time.sleep(0.05)
+        self.api_port = port
+
+    def _announced_port(self, offset: int) -> int | None:
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            found = _AGENT_SERVING.search(log.read())
+        return int(found[1]) if found else None
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def wait_exit(self, timeout: float = START_TIMEOUT_S) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def health(self) -> dict[str, Any]:
+        answer: dict[str, Any] = httpx.get(f"{self.base}/v1/health", timeout=5).json()
+        return answer
+
+    def serving(self) -> str | None:
+        """The version of the model answering, from /v1/health; None when none is."""
+        model = self.health().get("model")
+        return str(model["version"]) if model else None
+
+    def log(self) -> str:
+        """The end of the agent's log (stderr, kept across restarts)."""
+        return self.log_path.read_text(errors="replace")[-3000:] if self.log_path.exists() else ""

@@ -4,21 +4,17 @@ serve` and `edge-agent run` as processes of their own, talking over real sockets
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from fleet_server.local_fleet import LocalFleet
-from fleet_server.mosquitto import free_port
-from fleet_server.processes import stop_process
+from fleet_server.local_fleet import LocalAgent, LocalFleet
 
 WAIT = 60.0
 FAST_TELEMETRY = {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5"}
@@ -78,67 +74,8 @@ def running_fleet(root: Path, mosquitto_executable: str) -> Iterator[Fleet]:
         fleet.stop()
 
 
-@dataclass
-class AgentProcess:
-    """`edge-agent run` on a state dir, started and killed like a service manager would."""
-
-    state_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    api_port: int = 0
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def start(self, **env: str) -> None:
-        # A restart keeps its port, as a service's configuration would.
-        self.api_port = self.api_port or free_port()
-        log = (self.state_dir.parent / f"{self.state_dir.name}.log").open("ab")
-        self.process = subprocess.Popen(
-            [
-                *AGENT,
-                "run",
-                "--state-dir",
-                str(self.state_dir),
-                "--api-port",
-                str(self.api_port),
-            ],
-            env={**os.environ, **self.env, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        eventually(self._answers, timeout=WAIT)
-
-    def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"edge-agent exited with {self.process.returncode}: {self.log()}")
-        try:
-            return httpx.get(f"{self.base}/v1/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def wait_exit(self, timeout: float = WAIT) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        stop_process(self.process)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def serving(self) -> str | None:
-        """The version of the model answering, from /v1/health."""
-        model = self.health().get("model")
-        return str(model["version"]) if model else None
-
-    def health(self) -> dict[str, Any]:
-        answer: dict[str, Any] = httpx.get(f"{self.base}/v1/health", timeout=5).json()
-        return answer
+class AgentProcess(LocalAgent):
+    """`edge-agent run` with what the tests ask of it."""
 
     def predict(self, inputs: Any) -> httpx.Response:
         return httpx.post(f"{self.base}/v1/predict", json={"inputs": inputs}, timeout=10)
@@ -151,10 +88,6 @@ class AgentProcess:
         )
         answer: dict[str, Any] = json.loads(result.stdout)
         return answer
-
-    def log(self) -> str:
-        path = self.state_dir.parent / f"{self.state_dir.name}.log"
-        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
 
 
 def enroll_agent(

@@ -171,6 +171,12 @@ class UpdateMachine:
             with self._record_lock:
                 fresh = Record(state=S.IDLE, desired=encode(desired), seq=desired.seq)
                 self._save(replace(fresh, msg_id=self.record.msg_id))
+            target = desired.model
+            log.info(
+                "desired state %d taken up: %s",
+                desired.seq,
+                f"{target.name} {target.version} ({desired.mode})" if target else "no model",
+            )
             self._drive()
             return self.record.state
 
@@ -210,6 +216,15 @@ class UpdateMachine:
             if reason is None and following in (S.ROLLED_BACK, S.FAILED):
                 reason = self.record.reason  # the failure that started the rollback
             self._update(state=following, attempts=0, reason=reason)
+            # One line per transition: what an operator reads in the journal of a device
+            # whose update did not end where the fleet expected.
+            log.info(
+                "desired state %d: %s -> %s%s",
+                desired.seq,
+                state.value,
+                following.value,
+                f" ({reason})" if reason else "",
+            )
             self._send_report(desired, following, reason)
             if following in RESTING:
                 self._cleanup_downloads()

@@ -5,6 +5,7 @@ digits bundles made by edge-convert."""
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,6 +82,32 @@ def test_an_agent_converges_on_its_desired_model_and_reports_telemetry(
         agent.stop()
     online = fleet.device(device_id)["status"]
     assert online == "offline"  # a clean stop says so itself
+
+
+def test_an_agent_takes_a_free_port_keeps_it_and_exits_clearly_when_it_is_taken(
+    fleet: Fleet, digits: DigitsBundles, tmp_path: Path
+) -> None:
+    _, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
+    agent.start()  # --api-port 0: the agent picks the port and says which
+    port = agent.api_port
+    try:
+        assert port != 0
+        assert agent.serving() is None
+    finally:
+        agent.stop()
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        with pytest.raises(RuntimeError, match=r"could not start: .*Address already in use"):
+            agent.start()
+        assert agent.wait_exit() == 2
+    agent.start()
+    try:
+        assert agent.api_port == port
+        assert agent.serving() is None
+    finally:
+        agent.stop()
 
 
 def test_an_update_switches_models_and_a_downgrade_needs_a_rollback(
