@@ -250,8 +250,9 @@ def main(out: Path, models_dir: Path, keep_running: bool, screenshots: Path | No
         for agent in agents:
             agent.enroll(fleet, bundles["public_key"])
             agent.start()
+        _until_connected(agents)
         say(
-            f"{len(agents)} agents enrolled and running: "
+            f"{len(agents)} agents enrolled, running and connected: "
             + ", ".join(f"{a.name} ({a.tag})" for a in agents)
         )
 
@@ -342,6 +343,18 @@ def _narrate(event: dict[str, Any]) -> None:
             )
         return
     say(event["message"])
+
+
+def _until_connected(agents: list[Agent]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while waiting := [a for a in agents if not a.health().get("connected")]:
+        if time.monotonic() > deadline:
+            raise click.ClickException(
+                "\n".join(
+                    f"{a.name} did not connect to the broker; its log:\n{a.log()}" for a in waiting
+                )
+            )
+        time.sleep(0.1)
 
 
 def _where_it_stands(fleet: Fleet, agents: list[Agent], detail: dict[str, Any]) -> str:

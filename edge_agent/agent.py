@@ -84,6 +84,7 @@ class Agent:
                 settings.max_artifact_bytes,
                 self._queue_report,
                 self._load,
+                download_patience_s=settings.download_patience_s,
             )
         address = config.mqtt_address
         if credentials is not None and address is not None and local_model is None:

@@ -10,6 +10,7 @@ dir): a model is installed only if one of them signed its manifest.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -47,6 +48,9 @@ class Settings:
     telemetry_interval_s: float = 60.0
     outbox_max_items: int = 10_000
     max_artifact_bytes: int = 512 * 1024 * 1024
+    # How long a cut-off download is tried again (with growing waits) before the update
+    # fails: long enough to ride out a server restart or a network outage.
+    download_patience_s: float = 300.0
     keepalive_s: int = 30
 
 
@@ -109,13 +113,19 @@ def _coerce(name: str, value: Any) -> Any:
             return _integer(value)
         if name == "threads":
             return None if value is None else _integer(value)
-        if name == "telemetry_interval_s":
-            return float(value)
+        if name in ("telemetry_interval_s", "download_patience_s"):
+            return _number(value)
         if not isinstance(value, str):
             raise ValueError("expected a string")
         return value
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: {value!r} is not valid ({exc})") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("expected a number")
+    return float(value)
 
 
 def _integer(value: Any) -> int:
@@ -133,8 +143,10 @@ def _check(settings: Settings) -> None:
         raise ConfigError(f"api_port {settings.api_port} is not a TCP port")
     if settings.threads is not None and settings.threads < 1:
         raise ConfigError("threads must be at least 1")
-    if settings.telemetry_interval_s <= 0:
+    if not settings.telemetry_interval_s > 0:
         raise ConfigError("telemetry_interval_s must be positive")
+    if not 0 <= settings.download_patience_s < math.inf:
+        raise ConfigError("download_patience_s must be a number of seconds, 0 or more")
     if settings.outbox_max_items < 1 or settings.max_artifact_bytes < 1:
         raise ConfigError("outbox_max_items and max_artifact_bytes must be positive")
 

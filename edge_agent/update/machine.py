@@ -9,6 +9,7 @@ state ends in a terminal report.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from protocol.manifest import manifest_to_json
 from protocol.messages import (
     MESSAGE_SCHEMA_VERSION,
     DesiredState,
+    ModelTarget,
     UpdateReport,
     UpdateState,
 )
@@ -51,9 +53,14 @@ log = logging.getLogger("edge_agent.update")
 
 RECORD_FILE = "update.json"
 MAX_ATTEMPTS = 3
-# A flaky link gets this many tries per download, each resuming where the last stopped.
-DOWNLOAD_ATTEMPTS = 4
+# A download cut off (a flaky link, a server restarting behind it, an HTTP 5xx) is tried
+# again, each try resuming where the last stopped, with waits doubling from
+# DOWNLOAD_BACKOFF_S up to DOWNLOAD_BACKOFF_MAX_S, for up to `download_patience_s`
+# (agent.toml; this is its default). A server restart is ridden out; a dead one fails the
+# update well within the fleet's device timeout (15 minutes by default).
 DOWNLOAD_BACKOFF_S = 0.5
+DOWNLOAD_BACKOFF_MAX_S = 30.0
+DOWNLOAD_PATIENCE_S = 300.0
 # Fault injection for the crash tests: "<state>:before" kills the agent right after it
 # saved `state` (before the step runs), "<state>:after" once the step is done (before the
 # next state is saved). SIGKILL, as a power cut: no cleanup runs.
@@ -88,6 +95,12 @@ def save_record(path: Path, record: Record) -> None:
     write_atomic(path, json.dumps(data, sort_keys=True).encode("utf-8"))
 
 
+class Stopping(BaseException):
+    """The agent is stopping: the update stops where it is, unreported, and the saved
+    record makes the next start run the step again. A BaseException, so that the
+    machine's every-error-is-reported handling lets it through."""
+
+
 Reporter = Callable[[UpdateReport], None]
 Loader = Callable[[Path], LoadedModel]
 
@@ -103,6 +116,7 @@ class UpdateMachine:
         report: Reporter,
         load: Loader,
         clock: Callable[[], float] = time.time,
+        download_patience_s: float = DOWNLOAD_PATIENCE_S,
     ) -> None:
         self.slots = Slots(state_dir / "models")
         self._downloads = state_dir / "downloads"
@@ -116,7 +130,13 @@ class UpdateMachine:
         self._load = load
         self._clock = clock
         self._candidate: LoadedModel | None = None
+        self._download_patience_s = download_patience_s
         self._offers: queue.Queue[DesiredState | None] = queue.Queue()
+        # Wakes a download's wait between tries: a newer desired state supersedes the one
+        # being handled, and a stop ends it.
+        self._news = threading.Condition()
+        self._newest_offer = 0
+        self._stopping = False
         self._lock = threading.Lock()  # one desired state at a time
         self._record_lock = threading.RLock()
         self._thread: threading.Thread | None = None
@@ -155,12 +175,18 @@ class UpdateMachine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        with self._news:
+            self._stopping = True
+            self._news.notify_all()
         self._offers.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
 
     def offer(self, desired: DesiredState) -> None:
         """A desired state from the fleet (any thread); handled in order on the worker."""
+        with self._news:
+            self._newest_offer = max(self._newest_offer, desired.seq)
+            self._news.notify_all()
         self._offers.put(desired)
 
     def apply(self, desired: DesiredState) -> UpdateState:
@@ -183,6 +209,8 @@ class UpdateMachine:
     def _worker(self) -> None:
         try:
             self.resume()
+        except Stopping:
+            return
         except Exception:
             log.exception("resuming the interrupted update failed")
         while (desired := self._offers.get()) is not None:
@@ -194,6 +222,8 @@ class UpdateMachine:
                 desired = newer
             try:
                 self.apply(desired)
+            except Stopping:
+                return
             except Exception:
                 log.exception("handling desired state %d failed", desired.seq)
 
@@ -256,15 +286,7 @@ class UpdateMachine:
             if self._auth is None:
                 raise StepError("this agent is not enrolled: no credentials to download with")
             self._downloads.mkdir(parents=True, exist_ok=True)
-            for attempt in range(DOWNLOAD_ATTEMPTS):
-                try:
-                    download(target, download_path, self._auth, self._max_bytes)
-                    break
-                except Interrupted as exc:
-                    if attempt == DOWNLOAD_ATTEMPTS - 1:
-                        raise
-                    log.warning("%s; resuming (attempt %d)", exc, attempt + 2)
-                    time.sleep(DOWNLOAD_BACKOFF_S * 2**attempt)
+            self._download(desired.seq, target, download_path, self._auth)
             return Event.DOWNLOADED
         if state is S.VERIFYING:
             try:
@@ -291,6 +313,33 @@ class UpdateMachine:
             self._switch_to(self._candidate_slot())
             return Event.SWITCHED
         raise StepError(f"nothing to do in state {state.value}")
+
+    def _download(self, seq: int, target: ModelTarget, path: Path, auth: tuple[str, str]) -> None:
+        """Try until the artifact is complete, waiting longer after each cut-off try, for
+        up to `download_patience_s`; raises Interrupted once that is spent, StepError when a
+        newer desired state arrives meanwhile, and Stopping when the agent stops."""
+        started = time.monotonic()
+        delay = DOWNLOAD_BACKOFF_S
+        for tries in itertools.count(1):
+            try:
+                download(target, path, auth, self._max_bytes)
+                return
+            except Interrupted as exc:
+                spent = time.monotonic() - started
+                if spent + delay > self._download_patience_s:
+                    raise Interrupted(
+                        f"{exc} (gave up after {tries} tries in {spent:.0f} s)"
+                    ) from None
+                log.warning("%s; trying again in %g s", exc, delay)
+            with self._news:
+                self._news.wait_for(
+                    lambda: self._stopping or self._newest_offer > seq, timeout=delay
+                )
+                if self._stopping:
+                    raise Stopping
+                if self._newest_offer > seq:
+                    raise StepError(f"superseded by desired state {self._newest_offer}")
+            delay = min(delay * 2, DOWNLOAD_BACKOFF_MAX_S)
 
     # -- steps that touch serving ---------------------------------------------------------
 

@@ -24,6 +24,8 @@ from protocol.signing import TrustedKey, verify_model_file
 
 CHUNK = 1 << 16
 TIMEOUT_S = 30.0
+# Request timeout and too many requests; with every 5xx, answers that may change on retry.
+TRANSIENT_HTTP = frozenset({408, 429})
 
 
 class StepError(Exception):
@@ -118,6 +120,9 @@ def download(target: ModelTarget, dest: Path, auth: tuple[str, str], max_bytes: 
                         )
                     out.write(block)
     except urllib.error.HTTPError as exc:
+        if exc.code in TRANSIENT_HTTP or exc.code >= 500:
+            # The server (or a proxy before it) is busy or restarting: worth another try.
+            raise Interrupted(f"download interrupted: HTTP {exc.code} {exc.reason}") from None
         raise StepError(f"download refused: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError) as exc:
         reason = getattr(exc, "reason", exc)

@@ -34,12 +34,19 @@ def test_the_file_is_read_and_variables_override_it(tmp_path: Path) -> None:
             "api_port": 9000,
             "trusted_keys": ["keys/signing.pub"],
             "telemetry_interval_s": 30,
+            "download_patience_s": 60,
         },
     )
-    config = load_config(tmp_path, {"EDGE_AGENT_API_PORT": "9100", "EDGE_AGENT_THREADS": "2"})
+    environ = {
+        "EDGE_AGENT_API_PORT": "9100",
+        "EDGE_AGENT_THREADS": "2",
+        "EDGE_AGENT_DOWNLOAD_PATIENCE_S": "90.5",
+    }
+    config = load_config(tmp_path, environ)
     assert config.settings.api_port == 9100
     assert config.settings.threads == 2
     assert config.settings.telemetry_interval_s == 30.0
+    assert config.settings.download_patience_s == 90.5
     assert config.mqtt_address == ("broker.local", 1884)
     assert [k.keyid for k in config.keys] == [key_id(load_public_key(public).raw)]
 
@@ -53,6 +60,11 @@ def test_the_file_is_read_and_variables_override_it(tmp_path: Path) -> None:
         ("", {"EDGE_AGENT_THREADS": "0"}, "threads must be at least 1"),
         ("", {"EDGE_AGENT_MQTT_URL": "tcp://x:1"}, "must look like mqtt://host:port"),
         ("", {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "-1"}, "must be positive"),
+        ("", {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "nan"}, "must be positive"),
+        ("download_patience_s = -5\n", {}, "download_patience_s must be a number of seconds"),
+        ("", {"EDGE_AGENT_DOWNLOAD_PATIENCE_S": "inf"}, "download_patience_s must be"),
+        ("", {"EDGE_AGENT_DOWNLOAD_PATIENCE_S": "soon"}, "download_patience_s: 'soon'"),
+        ("download_patience_s = true\n", {}, "download_patience_s: True is not valid"),
         ("", {"EDGE_AGENT_TRUSTED_KEYS": "missing.pub"}, "trusted_keys:"),
         ("api_port = [\n", {}, "agent.toml"),
     ],

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +51,7 @@ class ArtifactServer:
     files: dict[str, bytes] = field(default_factory=dict)
     cut_first: dict[str, int] = field(default_factory=dict)  # first response stops here
     cut_always: dict[str, int] = field(default_factory=dict)
+    unavailable_for: int = 0  # this many requests get a 503 first, as a restarting server's
     requests: list[tuple[str, str | None]] = field(default_factory=list)  # (name, Range)
     port: int = 0
 
@@ -62,6 +64,10 @@ def _handler(server: ArtifactServer) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             name = self.path.rsplit("/", 1)[-1]
             server.requests.append((name, self.headers.get("Range")))
+            if server.unavailable_for > 0:
+                server.unavailable_for -= 1
+                self.send_error(503)
+                return
             body = server.files.get(name)
             if body is None:
                 self.send_error(404)
@@ -113,11 +119,23 @@ class Device:
         return next(r.reason for r in reversed(self.reports) if r.desired_seq == seq) or ""
 
 
-def _device(state_dir: Path, key: TrustedKey) -> Device:
+# Short, so that a download that keeps failing gives up within a test's time: 0.5 s, then
+# 1 s between tries, and no third wait.
+PATIENCE_S = 2.0
+
+
+def _device(state_dir: Path, key: TrustedKey, patience_s: float = PATIENCE_S) -> Device:
     predictor = Predictor()
     reports: list[UpdateReport] = []
     machine = UpdateMachine(
-        state_dir, predictor, (key,), ("dev-1", "secret"), 64 << 20, reports.append, load_model
+        state_dir,
+        predictor,
+        (key,),
+        ("dev-1", "secret"),
+        64 << 20,
+        reports.append,
+        load_model,
+        download_patience_s=patience_s,
     )
     machine.boot()
     return Device(machine, predictor, reports, state_dir)
@@ -191,6 +209,86 @@ def test_a_dropped_download_resumes_with_a_range_request(
     artifacts.cut_first[name] = 5000
     assert device.machine.apply(update) is S.ACTIVE
     assert artifacts.requests == [(name, None), (name, "bytes=5000-")]
+
+
+def test_a_server_that_answers_503_for_a_while_is_waited_for(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    update = desired(digits.v1, artifacts)
+    artifacts.unavailable_for = 2  # a restart: the waits of 0.5 s and 1 s ride it out
+    assert device.machine.apply(update) is S.ACTIVE
+    assert len(artifacts.requests) == 3
+    assert device.serving() == "1.0.0"
+
+
+def test_a_download_that_never_gets_through_fails_once_patience_is_spent(
+    device: Device, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    _serving_v1(device, digits, artifacts)
+    update = desired(digits.v2, artifacts)
+    artifacts.unavailable_for = 1_000
+    started = time.monotonic()
+    assert device.machine.apply(update) is S.FAILED
+    # Tries at 0, 0.5 and 1.5 s; the next wait (2 s) would end past the 2 s of patience.
+    assert "HTTP 503" in device.reason(update.seq)
+    assert "gave up after 3 tries" in device.reason(update.seq)
+    assert time.monotonic() - started < 30  # no wait beyond the patience
+    assert device.serving() == "1.0.0"
+
+
+def _unreachable(update: DesiredState) -> DesiredState:
+    """`update` pointing at a port where nothing listens: every try is refused."""
+    assert update.model is not None
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/artifacts/model.tflite"
+    return dataclasses.replace(update, model=dataclasses.replace(update.model, artifact_url=url))
+
+
+def test_a_newer_desired_state_cuts_a_retrying_download_short(
+    tmp_path: Path, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    device = _device(tmp_path / "agent", load_public_key(digits.v1.public_key), patience_s=600)
+    stuck = _unreachable(desired(digits.v1, artifacts))
+    newer = desired(digits.v2, artifacts)
+    handled = threading.Thread(target=device.machine.apply, args=(stuck,))
+    handled.start()
+    _until(lambda: S.DOWNLOADING in device.states(stuck.seq))
+    device.machine.offer(newer)  # from the fleet, while the first waits between tries
+    handled.join(timeout=30)
+    assert not handled.is_alive()
+    assert device.states(stuck.seq)[-1] is S.FAILED
+    assert device.reason(stuck.seq) == f"superseded by desired state {newer.seq}"
+    assert device.machine.apply(newer) is S.ACTIVE
+    assert device.serving() == "2.0.0"
+
+
+def test_stopping_during_a_retried_download_leaves_it_to_resume(
+    tmp_path: Path, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    state_dir = tmp_path / "agent"
+    device = _device(state_dir, load_public_key(digits.v1.public_key), patience_s=600)
+    update = desired(digits.v1, artifacts)
+    stuck = _unreachable(update)
+    device.machine.start()
+    device.machine.offer(stuck)
+    _until(lambda: S.DOWNLOADING in device.states(stuck.seq))
+    started = time.monotonic()
+    device.machine.stop(timeout=30)
+    assert time.monotonic() - started < 10  # the wait between tries was cut short
+    # Not failed: the record says downloading, and the next start takes it up again.
+    assert device.states(stuck.seq)[-1] is S.DOWNLOADING
+    assert load_record(state_dir / "update.json").state is S.DOWNLOADING
+    again = _device(state_dir, load_public_key(digits.v1.public_key))
+    assert again.machine.interrupted
+
+
+def _until(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize(
