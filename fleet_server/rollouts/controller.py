@@ -181,7 +181,10 @@ def _refresh(
             UpdateReportRow.device_id.in_(list(installing)),
             UpdateReportRow.deployment_id.in_({m.deployment_id for m in installing.values()}),
         )
-        .order_by(UpdateReportRow.ts, UpdateReportRow.id)
+        # The device numbers its reports in the order it made them (msg_id); its clock
+        # (ts) may step backwards between two transitions, and a stale `switching` read
+        # as the latest would hold the wave until the device timeout.
+        .order_by(UpdateReportRow.device_id, UpdateReportRow.msg_id)
     )
     for row in reports:  # in order, so the last one per device stays
         if row.deployment_id == installing[row.device_id].deployment_id:

@@ -68,7 +68,12 @@ def members(server: Server, rollout_id: int) -> list[RolloutDevice]:
 
 
 def report(
-    server: Server, member: RolloutDevice, state: str, at: dt.datetime, reason: str | None = None
+    server: Server,
+    member: RolloutDevice,
+    state: str,
+    at: dt.datetime,
+    reason: str | None = None,
+    msg_id: int | None = None,
 ) -> None:
     with transaction(server.state.sessions) as session:
         seq = session.get(DesiredState, member.device_id)
@@ -76,7 +81,7 @@ def report(
         session.add(
             UpdateReportRow(
                 device_id=member.device_id,
-                msg_id=int(at.timestamp() * 1000),
+                msg_id=int(at.timestamp() * 1000) if msg_id is None else msg_id,
                 ts=at,
                 deployment_id=member.deployment_id,
                 desired_seq=seq.seq,
@@ -205,6 +210,21 @@ def test_a_failed_install_rolls_back_every_device_touched(
         assert desired is not None
         assert '"rollback":true' in desired.payload_json
         assert '"version":"1.0.0"' in desired.payload_json
+
+
+def test_a_device_s_last_report_counts_even_when_its_clock_stepped_back(
+    server: Server, lab: dict[str, Any]
+) -> None:
+    rollout_id = create(server, lab["admin"])["id"]
+    step(server, rollout_id, T0)
+    [member] = installing(server, rollout_id)
+    # The device reported `switching` and then `active` (its msg_ids count up), but its
+    # clock was set back in between, as NTP may do: `active` carries the earlier time.
+    report(server, member, "switching", T0 + dt.timedelta(seconds=5), msg_id=1001)
+    report(server, member, "active", T0 + dt.timedelta(seconds=1), msg_id=1002)
+    step(server, rollout_id, T0 + dt.timedelta(seconds=6))
+    [after] = [m for m in members(server, rollout_id) if m.device_id == member.device_id]
+    assert after.state == "active"
 
 
 def test_a_device_silent_past_its_timeout_counts_as_failed(
