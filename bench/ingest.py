@@ -450,23 +450,14 @@ class _Broker:
 
 @contextlib.contextmanager
 def _broker(folder: Path) -> Iterator[_Broker]:
-    from fleet_server.broker import write_broker_config
-    from fleet_server.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
+    from fleet_server.local_fleet import start_broker
+    from fleet_server.mosquitto import find_mosquitto
 
     executable = find_mosquitto()
     if executable is None:
         raise RuntimeError("mosquitto is not installed (`make mosquitto` installs it)")
     config_dir = folder / "broker"
-    for attempt in range(3):
-        credentials = write_broker_config(config_dir, port=free_port(), force=True)
-        process = Mosquitto(config_dir, executable)
-        try:
-            process.start()
-            break
-        except MosquittoError as error:
-            # free_port() cannot reserve the port; someone may have taken it first.
-            if "Address already in use" not in str(error) or attempt == 2:
-                raise
+    process, credentials = start_broker(config_dir, executable)
     try:
         yield _Broker(process, credentials, config_dir)
     finally:

@@ -21,12 +21,30 @@ import httpx
 from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
-from fleet_server.broker import write_broker_config
+from fleet_server.broker import BrokerCredentials, write_broker_config
 from fleet_server.cli import cli as fleet_cli
-from fleet_server.mosquitto import Mosquitto, find_mosquitto, free_port
+from fleet_server.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
 from fleet_server.processes import stop_process
 
 START_TIMEOUT_S = 60.0
+# free_port() cannot reserve the port: another process may take it before the broker binds.
+BROKER_PORT_ATTEMPTS = 3
+
+
+def start_broker(config_dir: Path, executable: str) -> tuple[Mosquitto, BrokerCredentials]:
+    """A Mosquitto configured by `broker-config` in `config_dir`, started on a free port
+    (another one if that is taken first); its server credentials."""
+    for attempt in range(1, BROKER_PORT_ATTEMPTS + 1):
+        credentials = write_broker_config(config_dir, port=free_port(), force=True)
+        broker = Mosquitto(config_dir, executable)
+        try:
+            broker.start()
+        except MosquittoError as error:
+            if "Address already in use" not in str(error) or attempt == BROKER_PORT_ATTEMPTS:
+                raise
+        else:
+            return broker, credentials
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -50,9 +68,7 @@ class LocalFleet:
             "EDGEFLEET_DATA_DIR": str(data_dir),
             "EDGEFLEET_ROLLOUT_INTERVAL_S": str(rollout_interval_s),
         }
-        write_broker_config(data_dir / "broker", port=free_port(), force=True)
-        broker = Mosquitto(data_dir / "broker", executable)
-        broker.start()
+        broker, _ = start_broker(data_dir / "broker", executable)
         fleet = cls(root, env, free_port(), broker)
         try:
             fleet.start_server()

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fleet_server.broker import BrokerAdmin, BrokerCredentials, write_broker_config
-from fleet_server.mosquitto import Mosquitto, MosquittoError, free_port
-
-# free_port() cannot reserve the port; on a busy machine someone may take it first.
-_PORT_ATTEMPTS = 3
+from fleet_server.broker import BrokerAdmin, BrokerCredentials
+from fleet_server.local_fleet import start_broker
+from fleet_server.mosquitto import Mosquitto
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class RunningBroker:
 @pytest.fixture
 def broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[RunningBroker]:
     config_dir = tmp_path / "broker"
-    process, credentials = _start_on_free_port(config_dir, mosquitto_executable)
+    process, credentials = start_broker(config_dir, mosquitto_executable)
     try:
         yield RunningBroker(process.host, process.port, credentials, config_dir, process)
     finally:
@@ -46,17 +44,3 @@ def broker_admin(broker: RunningBroker) -> Iterator[BrokerAdmin]:
         yield admin
     finally:
         admin.close()
-
-
-def _start_on_free_port(config_dir: Path, executable: str) -> tuple[Mosquitto, BrokerCredentials]:
-    for attempt in range(1, _PORT_ATTEMPTS + 1):
-        credentials = write_broker_config(config_dir, port=free_port(), force=True)
-        process = Mosquitto(config_dir, executable)
-        try:
-            process.start()
-        except MosquittoError as error:
-            if "Address already in use" not in str(error) or attempt == _PORT_ATTEMPTS:
-                raise
-        else:
-            return process, credentials
-    raise AssertionError("unreachable")
