@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import json
 import logging
 import os
@@ -118,6 +119,9 @@ def run(model_dir: Path | None, api_port: int | None, state_dir: Path) -> None:
     """Serve the model, follow the fleet's desired state, and report telemetry."""
     from edge_agent.agent import Agent
 
+    # A crash in native code (the interpreter, a delegate) then leaves each thread's Python
+    # stack in the journal instead of a bare "Segmentation fault".
+    faulthandler.enable()
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -5,6 +5,7 @@ digits bundles made by edge-convert."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,19 @@ def test_an_agent_takes_a_free_port_keeps_it_and_exits_clearly_when_it_is_taken(
         assert agent.serving() is None
     finally:
         agent.stop()
+
+
+def test_a_native_crash_leaves_every_thread_s_python_stack_in_the_log(
+    fleet: Fleet, digits: DigitsBundles, tmp_path: Path
+) -> None:
+    _, agent = enroll_agent(fleet, tmp_path / "agent", digits.v1.public_key)
+    agent.start()
+    assert agent.process is not None
+    agent.process.send_signal(signal.SIGSEGV)  # what a fault in the interpreter raises
+    assert agent.wait_exit() == -signal.SIGSEGV
+    log = agent.log_path.read_text()
+    assert "Fatal Python error: Segmentation fault" in log
+    assert "most recent call first" in log
 
 
 def test_an_update_switches_models_and_a_downgrade_needs_a_rollback(
