@@ -346,8 +346,14 @@ def _narrate(event: dict[str, Any]) -> None:
 
 
 def _until_connected(agents: list[Agent]) -> None:
+    def connected(agent: Agent) -> bool:
+        try:
+            return bool(agent.health().get("connected"))
+        except httpx.HTTPError:
+            return False  # gone: its log says why
+
     deadline = time.monotonic() + WAIT_S
-    while waiting := [a for a in agents if not a.health().get("connected")]:
+    while waiting := [a for a in agents if not connected(a)]:
         if time.monotonic() > deadline:
             raise click.ClickException(
                 "\n".join(

@@ -173,9 +173,9 @@ class LocalAgent:
     """`edge-agent run` on a state dir, started and stopped as a service manager would.
 
     The first start asks for any free port (`--api-port 0`) and reads which one from the
-    agent's "serving on" line. A port picked beforehand could be taken by the time the
-    agent binds it (an outgoing connection's ephemeral port, say), and the agent would
-    exit. A restart keeps its port, as a service's configuration would.
+    agent's "serving on" line. A port picked beforehand can be taken by another process
+    before the agent binds it, and the agent would exit. A restart keeps its port, as a
+    service's configuration would.
     """
 
     state_dir: Path
