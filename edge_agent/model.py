@@ -149,8 +149,8 @@ class PredictionBatch:
     top1: np.ndarray  # int64, classify.NO_CLASS where the output names no class
     confidence: np.ndarray  # float64, NaN where the output is not a distribution
     non_finite: np.ndarray  # bool: an output value was NaN or infinite
-    # A systematic sample of the inputs, one in the observer's drift_sample_every: each a
-    # private copy of one sample's arrays (one per model input, with the batch axis).
+    # A sample of the inputs, at most one per the observer's drift_sample_interval_s: each
+    # a private copy of one sample's arrays (one per model input, with the batch axis).
     inputs: tuple[tuple[np.ndarray, ...], ...]
 
     def __len__(self) -> int:
@@ -160,9 +160,10 @@ class PredictionBatch:
 class PredictionObserver(Protocol):
     """What serving tells telemetry. Called on a request's thread: keep it cheap."""
 
-    # Hand over a copy of one input in this many (0: none), for drift statistics.
+    # Hand over a copy of at most one input per this many seconds, for drift statistics
+    # (0: every input; infinity: the first only).
     @property
-    def drift_sample_every(self) -> int: ...
+    def drift_sample_interval_s(self) -> float: ...
 
     def on_predictions(self, model: LoadedModel, batch: PredictionBatch) -> None: ...
 

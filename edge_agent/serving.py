@@ -24,6 +24,7 @@ import secrets
 import threading
 import time
 import weakref
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,8 +37,12 @@ from edge_agent.runtime import InputShapeError, ModelRunner, TensorInfo
 
 logger = logging.getLogger(__name__)
 
-# Predictions queued before a request folds them (the cost of a fold is mostly fixed).
-FOLD_EVERY = 1024
+_Arrays = tuple[np.ndarray, ...]  # one sample's inputs, or outputs: an array for each
+
+# Predictions queued before a request folds them. A fold's numpy calls cost about the same
+# for any number of predictions, so a long queue spreads them thin; 4,096 predictions'
+# outputs and columns are about 1 MB on a ten-class model.
+FOLD_EVERY = 4096
 # Sampled inputs queued before a request folds them, so large inputs cannot pile up.
 FOLD_MAX_SAMPLE_BYTES = 4 << 20
 
@@ -79,14 +84,27 @@ class _Slot:
     model: LoadedModel
     lock: threading.Lock
     prepare: Callable[[Any], list[np.ndarray]]
-    run: Callable[[Sequence[np.ndarray]], tuple[np.ndarray, ...]]
-    # Requests append, only a fold (under the fold lock) takes from the front: each list
-    # operation is atomic, so the queue needs no lock of its own.
-    queue: list[Prediction] = field(default_factory=list)
-    samples: list[tuple[np.ndarray, ...]] = field(default_factory=list)
+    run: Callable[[Sequence[np.ndarray]], _Arrays]
+    # The queue, in columns: a fold reads numbers and latencies as arrays. Touching one
+    # Python object per prediction was most of a fold's cost, as each inference leaves the
+    # caches cold. Requests append under `lock`; a fold swaps in empty columns under it.
+    numbers: array[int] = field(default_factory=lambda: array("q"))
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+    outputs: list[_Arrays] = field(default_factory=list)
+    samples: list[_Arrays] = field(default_factory=list)
     sample_bytes: int = 0
     input_bytes: int = 0  # one sample's inputs as the runner takes them
+    next_sample_at: float = -math.inf  # on the perf_counter clock; infinity: never
     retired: bool = False  # replaced as the active model; set under the switch lock
+
+    def take(self) -> tuple[array[int], array[float], list[_Arrays], list[_Arrays]]:
+        """The queue's columns as they stand, leaving empty ones in their place."""
+        with self.lock:
+            taken = self.numbers, self.latencies, self.outputs, self.samples
+            self.numbers, self.latencies = array("q"), array("d")
+            self.outputs, self.samples = [], []
+            self.sample_bytes = 0
+        return taken
 
     @classmethod
     def of(cls, model: LoadedModel) -> _Slot:
@@ -282,7 +300,9 @@ class Predictor:
         if max_remembered < 0:
             raise ValueError(f"max_remembered must not be negative, got {max_remembered}")
         self._observer = observer
-        self._sample_every = observer.drift_sample_every if observer is not None else 0
+        self._sample_interval = (
+            observer.drift_sample_interval_s if observer is not None else math.inf
+        )
         self._keeping = observer is not None or max_remembered > 0
         # A random prefix and a counter: ids unique across restarts and devices, at a
         # fraction of uuid4's cost (which reads the OS's randomness on every prediction).
@@ -315,6 +335,8 @@ class Predictor:
         Requests already running finish on the model they started with.
         """
         slot = _Slot.of(model) if model is not None else None
+        if slot is not None and self._observer is None:
+            slot.next_sample_at = math.inf  # nobody to hand the samples to
         with self._switch:
             previous, shadow = self._serving
             self._serving = (slot, shadow)
@@ -339,41 +361,45 @@ class Predictor:
         active, shadow = self._serving
         if active is None:
             raise NoModelError("no model is loaded")
-        model = active.model
         arrays = active.prepare(inputs)
-        with active.lock:
+        lock = active.lock
+        lock.acquire()  # not `with`: on a small model its two method calls cost 0.5 %
+        try:
             start = time.perf_counter()
             try:
                 outputs = active.run(arrays)
             except Exception:
-                self._notify("on_error", model)
+                self._notify("on_error", active.model)
                 raise
             latency_ms = (time.perf_counter() - start) * 1000.0
-        prediction = Prediction(model, outputs, latency_ms, next(self._numbers), self._prefix)
+            number = next(self._numbers)
+            if self._keeping:
+                active.numbers.append(number)
+                active.latencies.append(latency_ms)
+                active.outputs.append(outputs)
+                if start >= active.next_sample_at:
+                    self._sample(active, arrays, start)
+        finally:
+            lock.release()
+        prediction = Prediction(active.model, outputs, latency_ms, number, self._prefix)
         if self._keeping:
-            queue = active.queue
-            queue.append(prediction)
-            every = self._sample_every
-            if every and prediction.number % every == 0:
-                self._sample(active, arrays)
             if active.retired:
                 # Switched away while this request ran: a fold may already have passed
                 # this slot for the last time, so this request folds it itself.
                 with self._fold_lock:
                     self._fold_slot(active)
-            elif len(queue) >= FOLD_EVERY:
+            elif len(active.outputs) >= FOLD_EVERY or active.sample_bytes >= FOLD_MAX_SAMPLE_BYTES:
                 self._fold_unless_busy()
         if shadow is not None:
             self._run_shadow(prediction, shadow, inputs)
         return prediction
 
-    def _sample(self, slot: _Slot, arrays: list[np.ndarray]) -> None:
+    def _sample(self, slot: _Slot, arrays: list[np.ndarray], now: float) -> None:
+        slot.next_sample_at = now + self._sample_interval
         # A copy: the caller may reuse its buffer for the next frame before the fold.
         copies = (arrays[0].copy(),) if len(arrays) == 1 else tuple(a.copy() for a in arrays)
         slot.samples.append(copies)
-        slot.sample_bytes += slot.input_bytes  # a lost race only delays a fold
-        if slot.sample_bytes >= FOLD_MAX_SAMPLE_BYTES:
-            self._fold_unless_busy()
+        slot.sample_bytes += slot.input_bytes
 
     def _run_shadow(self, prediction: Prediction, shadow: _Slot, inputs: Any) -> None:
         candidate = shadow.model
@@ -426,25 +452,20 @@ class Predictor:
             self._queued = [slot for slot in self._queued if id(slot) not in done]
 
     def _fold_slot(self, slot: _Slot) -> None:
-        queue, samples = slot.queue, slot.samples
-        count, sampled = len(queue), len(samples)
-        if count == 0 and sampled == 0:
+        numbers, latencies, outputs, samples = slot.take()
+        if not outputs and not samples:
             return
-        group, inputs = queue[:count], tuple(samples[:sampled])
-        del queue[:count], samples[:sampled]
-        slot.sample_bytes = 0
         model = slot.model
-        numbers = np.fromiter((p.number for p in group), dtype=np.int64, count=count)
-        latencies = np.fromiter((p.latency_ms for p in group), dtype=np.float64, count=count)
-        stacked = _stack_outputs(group)
+        stacked = _stack_outputs(outputs)
         if stacked is not None:
             top1, confidence = model.classifier.many(stacked[0])
             nan = non_finite(stacked)
         else:
-            top1, confidence, nan = _read_one_by_one(group)
-        self._memory.store(model, numbers, top1)
+            top1, confidence, nan = _read_one_by_one(model, outputs)
+        self._memory.store(model, np.frombuffer(numbers, dtype=np.int64), top1)
         if self._observer is not None:
-            batch = PredictionBatch(latencies, top1, confidence, nan, inputs)
+            latencies_ms = np.frombuffer(latencies, dtype=np.float64)
+            batch = PredictionBatch(latencies_ms, top1, confidence, nan, tuple(samples))
             self._notify("on_predictions", model, batch)
 
     # --- feedback ---
@@ -494,17 +515,17 @@ class Predictor:
                 )
 
 
-def _stack_outputs(group: list[Prediction]) -> list[np.ndarray] | None:
+def _stack_outputs(group: list[tuple[np.ndarray, ...]]) -> list[np.ndarray] | None:
     """Each output over the group, one flattened sample per row; None when there is nothing
     to stack or the sizes differ between predictions (dynamically shaped outputs)."""
-    if not group or not group[0].raw_outputs:
+    if not group or not group[0]:
         return None
     stacked = []
-    for position, first in enumerate(group[0].raw_outputs):
+    for position, first in enumerate(group[0]):
         try:
             # Joining the buffers is the cheap concatenate: numpy's own works per array.
             # (numpy arrays are buffers; the stubs do not say so.)
-            joined = b"".join(cast("list[bytes]", [p.raw_outputs[position] for p in group]))
+            joined = b"".join(cast("list[bytes]", [outputs[position] for outputs in group]))
         except (BufferError, TypeError, ValueError):
             return None
         flat = np.frombuffer(joined, dtype=first.dtype)
@@ -514,10 +535,11 @@ def _stack_outputs(group: list[Prediction]) -> list[np.ndarray] | None:
     return stacked
 
 
-def _read_one_by_one(group: list[Prediction]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    top1 = np.array([NO_CLASS if p.top1 is None else p.top1 for p in group], dtype=np.int64)
-    confidence = np.array(
-        [np.nan if p.confidence is None else p.confidence for p in group], dtype=np.float64
-    )
-    nan = np.array([bool(non_finite([o[np.newaxis] for o in p.raw_outputs])[0]) for p in group])
+def _read_one_by_one(
+    model: LoadedModel, group: list[tuple[np.ndarray, ...]]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    answers = [model.classifier.one(outputs[0]) if outputs else (None, None) for outputs in group]
+    top1 = np.array([NO_CLASS if t is None else t for t, _ in answers], dtype=np.int64)
+    confidence = np.array([np.nan if c is None else c for _, c in answers], dtype=np.float64)
+    nan = np.array([bool(non_finite([o[np.newaxis] for o in outputs])[0]) for outputs in group])
     return top1, confidence, nan.astype(bool)

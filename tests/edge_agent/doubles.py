@@ -20,7 +20,7 @@ class Recorder:
     """A PredictionObserver that keeps every call, for the tests to inspect. It asks for
     every input, so that each prediction's input reaches it."""
 
-    drift_sample_every = 1
+    drift_sample_interval_s = 0.0
 
     def __init__(self) -> None:
         self.lock = threading.Lock()

@@ -8,6 +8,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import logging
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ EVAL_SAMPLES = 200
 class BrokenObserver:
     """Every hook raises, as a buggy telemetry module might."""
 
-    drift_sample_every = 1
+    drift_sample_interval_s = 0.0
 
     def on_predictions(self, model: LoadedModel, batch: PredictionBatch) -> None:
         raise RuntimeError("telemetry bug in on_predictions")
@@ -178,7 +179,9 @@ def test_outputs_of_differing_sizes_are_read_one_by_one(
     slot = predictor._serving[0]
     assert slot is not None
     odd = np.array([[np.nan, 0.2, 0.3]], dtype=np.float32)
-    slot.queue.append(Prediction(v1, (odd,), 0.5, answered.number + 1, "0" * 16))
+    slot.numbers.append(answered.number + 1)
+    slot.latencies.append(0.5)
+    slot.outputs.append((odd,))
     predictor.fold()
     [(_, batch)] = recorder.batches
     assert batch.top1.tolist() == [answered.top1, NO_CLASS]
@@ -186,20 +189,36 @@ def test_outputs_of_differing_sizes_are_read_one_by_one(
     assert np.isnan(batch.confidence[1])
 
 
-def test_inputs_are_sampled_for_drift_one_in_every_few(
+def test_inputs_are_sampled_for_drift_at_most_once_per_interval(
     v1: LoadedModel, recorder: Recorder, eval_data: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(recorder, "drift_sample_every", 4)
+    # Far longer than the requests between which no sample is expected take, and far
+    # shorter than the sleep after them.
+    monkeypatch.setattr(recorder, "drift_sample_interval_s", 1.0)
     predictor = Predictor(recorder)
     predictor.activate(v1)
     x = eval_data[0][:12]
-    predictions = [predictor.predict(sample) for sample in x]
+    for sample in x[:10]:
+        predictor.predict(sample)
+    time.sleep(1.1)
+    for sample in x[10:]:
+        predictor.predict(sample)
     predictor.fold()
     [(_, batch)] = recorder.batches
-    sampled = [i for i, p in enumerate(predictions) if p.number % 4 == 0]
-    assert len(sampled) == 3
-    for (array,), i in zip(batch.inputs, sampled, strict=True):
+    assert len(batch) == 12
+    assert len(batch.inputs) == 2
+    for (array,), i in zip(batch.inputs, (0, 10), strict=True):
         np.testing.assert_array_equal(array[0], x[i])
+
+
+def test_no_input_is_copied_without_an_observer_to_take_it(v1: LoadedModel, eval_data: Any) -> None:
+    predictor = Predictor(None)
+    predictor.activate(v1)
+    predictor.predict(eval_data[0][0])
+    slot = predictor._serving[0]
+    assert slot is not None
+    assert slot.samples == []
+    assert len(slot.outputs) == 1  # kept for feedback all the same
 
 
 def test_a_prediction_ending_on_a_replaced_model_after_its_last_fold_is_folded(
@@ -207,24 +226,25 @@ def test_a_prediction_ending_on_a_replaced_model_after_its_last_fold_is_folded(
 ) -> None:
     slot = predictor._serving[0]
     assert slot is not None
-    prepared = threading.Event()
+    prepared, go_on = threading.Event(), threading.Event()
     prepare = slot.prepare
 
-    def signalling_prepare(inputs: Any) -> list[np.ndarray]:
+    def pausing_prepare(inputs: Any) -> list[np.ndarray]:
         prepared.set()
+        assert go_on.wait(60)
         return prepare(inputs)
 
-    slot.prepare = signalling_prepare
+    slot.prepare = pausing_prepare
     answers: list[Prediction] = []
-    # Holding v1's interpreter lock keeps the request inside its inference on v1 while the
-    # model is replaced and a fold drains v1's queue for the last time.
-    with serving._lock_for(v1.runner):
-        worker = threading.Thread(target=lambda: answers.append(predictor.predict(eval_data[0][0])))
-        worker.start()
-        assert prepared.wait(60)
-        predictor.activate(v2)
-        predictor.fold()
-        assert recorder.batches == []
+    # The request has taken v1 as the model to answer with, and is held before its
+    # inference while the model is replaced and a fold drains v1's queue for the last time.
+    worker = threading.Thread(target=lambda: answers.append(predictor.predict(eval_data[0][0])))
+    worker.start()
+    assert prepared.wait(60)
+    predictor.activate(v2)
+    predictor.fold()
+    assert recorder.batches == []
+    go_on.set()
     worker.join(60)
     assert [a.model_version for a in answers] == ["1.0.0"]
     assert [(model, len(batch)) for model, batch in recorder.batches] == [(v1, 1)]
@@ -424,6 +444,54 @@ def test_switching_under_load_fails_no_request(
     after = [version for started_after, version in answers if started_after]
     assert len(after) == threads * 25
     assert set(after) == {"2.0.0"}
+
+
+def test_requests_from_many_threads_beside_folds_are_each_folded_once_with_their_answer(
+    v1: LoadedModel, recorder: Recorder, eval_data: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(serving, "FOLD_EVERY", 16)
+    predictor = Predictor(recorder)
+    predictor.activate(v1)
+    x = eval_data[0]
+    threads, per_thread = 4, 150
+    answers: list[Prediction] = []
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def client(offset: int) -> None:
+        try:
+            mine = [predictor.predict(x[(offset + i) % len(x)]) for i in range(per_thread)]
+            answers.extend(mine)
+        except BaseException as exc:
+            failures.append(exc)
+
+    def folder() -> None:
+        while not done.is_set():
+            predictor.fold()
+
+    folding = threading.Thread(target=folder)
+    folding.start()
+    workers = [threading.Thread(target=client, args=(i * 31,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    done.set()
+    folding.join()
+    predictor.fold()
+
+    assert failures == []
+    assert len(answers) == threads * per_thread
+    assert recorder.predicted() == threads * per_thread
+    assert len({a.number for a in answers}) == threads * per_thread
+    # Feedback is judged against the top-1 answer the fold stored under each number: a
+    # number paired with another request's outputs would be judged wrong.
+    wrong = [
+        a.prediction_id
+        for a in answers
+        if a.top1 is None or not predictor.feedback(a.prediction_id, a.top1)
+    ]
+    assert wrong == []
 
 
 def test_switch_does_not_wait_for_an_inference_on_the_old_model(

@@ -131,7 +131,7 @@ def only_stats(collector: TelemetryCollector, now: float) -> InferenceStats:
 
 def test_collector_is_a_prediction_observer() -> None:
     # mypy checks the assignment: the collector is a PredictionObserver.
-    observer: PredictionObserver = TelemetryCollector(start=START, drift_sample_every=1)
+    observer: PredictionObserver = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     assert callable(observer.on_predictions)
 
 
@@ -151,7 +151,7 @@ def test_agent_modules_import_nothing_heavy() -> None:
 
 
 def test_percentiles_are_exact_on_known_latencies() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model()
     latencies = [float(v) for v in range(1, 101)]
     random.Random(0).shuffle(latencies)
@@ -169,7 +169,7 @@ def test_percentiles_are_exact_on_known_latencies() -> None:
 
 
 def test_class_counts_and_mean_confidence() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model(labels=("a", "b", "c"))
     for top1, confidence in [(0, 0.5), (2, 0.7), (2, 0.9), (1, 0.6), (2, 0.8)]:
         observe(collector, m, top1=top1, confidence=confidence)
@@ -200,7 +200,7 @@ def test_class_counts_length_follows_serving(
     top1: int | None,
     expected: tuple[int, ...],
 ) -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model(labels=labels, output_shape=output_shape)
     observe(collector, m, top1=top1, confidence=None)
 
@@ -211,7 +211,7 @@ def test_class_counts_length_follows_serving(
 
 
 def test_nan_and_infinite_outputs_are_counted() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model()
     for flagged in (True, True, False, False):
         observe(collector, m, non_finite=flagged)
@@ -227,7 +227,7 @@ def test_non_finite_flags_each_sample_with_any_nan_or_infinity() -> None:
 
 
 def test_errors_are_counted_in_count() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model()
     for _ in range(3):
         observe(collector, m, latency_ms=2.0)
@@ -241,7 +241,7 @@ def test_errors_are_counted_in_count() -> None:
 
 
 def test_a_window_of_errors_only_still_satisfies_the_contract() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     collector.on_error(model())
 
     stats = only_stats(collector, START + 1.0)
@@ -255,7 +255,7 @@ def test_a_window_of_errors_only_still_satisfies_the_contract() -> None:
 
 
 def test_latency_store_stays_bounded() -> None:
-    collector = TelemetryCollector(start=START, seed=0, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, seed=0, drift_sample_interval_s=0.0)
     m = model()
     for i in range(50_000):
         observe(collector, m, latency_ms=float(i))
@@ -270,7 +270,7 @@ def test_latency_store_stays_bounded() -> None:
 
 
 def test_odd_latencies_and_confidences_are_kept_in_range() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model()
     observe(collector, m, latency_ms=-0.5, confidence=1.0000001)
     observe(collector, m, latency_ms=math.nan, confidence=math.nan)
@@ -284,7 +284,7 @@ def test_odd_latencies_and_confidences_are_kept_in_range() -> None:
 
 
 def test_flush_resets_the_window() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model()
     observe(collector, m)
     collector.on_feedback("digits", "1.0.0", True)
@@ -301,7 +301,7 @@ def test_flush_resets_the_window() -> None:
 
 
 def test_window_is_positive_when_the_clock_does_not_advance() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     observe(collector, model())
     collector.on_feedback("digits", "1.0.0", False)
 
@@ -312,7 +312,9 @@ def test_window_is_positive_when_the_clock_does_not_advance() -> None:
 
 
 def test_several_threads_add_up() -> None:
-    collector = TelemetryCollector(start=START, max_latency_samples=500, drift_sample_every=1)
+    collector = TelemetryCollector(
+        start=START, max_latency_samples=500, drift_sample_interval_s=0.0
+    )
     models = [model("1.0.0"), model("2.0.0")]
     per_thread = 2_000
     barrier = threading.Barrier(8)
@@ -347,7 +349,7 @@ def test_several_threads_add_up() -> None:
 
 
 def test_accuracy_windows_per_version() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     for correct in (True, True, False, True):
         collector.on_feedback("digits", "1.0.0", correct)
     collector.on_feedback("digits", "2.0.0-rc.1", False)
@@ -361,7 +363,7 @@ def test_accuracy_windows_per_version() -> None:
 
 
 def test_rolling_accuracy_slides_over_the_last_results() -> None:
-    collector = TelemetryCollector(start=START, rolling_window=4, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, rolling_window=4, drift_sample_interval_s=0.0)
     assert collector.rolling_accuracy("digits", "1.0.0") is None
     for correct in (False, False, True, True):
         collector.on_feedback("digits", "1.0.0", correct)
@@ -376,7 +378,7 @@ def test_rolling_accuracy_slides_over_the_last_results() -> None:
 
 
 def test_feedback_for_an_impossible_model_is_refused() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     with pytest.raises(ValueError, match="semver"):
         collector.on_feedback("digits", "latest", True)
     with pytest.raises(ValueError, match="name"):
@@ -385,7 +387,7 @@ def test_feedback_for_an_impossible_model_is_refused() -> None:
 
 
 def test_shadow_agreement() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     active, candidate, other = model("1.2.0"), model("1.3.0-rc.1"), model("1.4.0")
     for a, c in [(1, 1), (2, 2), (2, 3), (None, None), (None, 4), (5, None)]:
         collector.on_shadow(active, candidate, a, c)
@@ -415,7 +417,7 @@ def test_psi_formula() -> None:
 
 
 def test_drift_bins_on_the_reference_edges() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model(ref=reference([0.0, 0.5, 1.0], [50, 50], mean=[0.5, 0.5], std=[0.1, 0.1]))
     # Outside values land in the edge bins, NaN nowhere: bins hold 3 and 1.
     observe(collector, m, [np.array([[0.25, -5.0]], dtype=np.float32)])
@@ -428,7 +430,7 @@ def test_drift_bins_on_the_reference_edges() -> None:
 
 
 def test_drift_is_none_without_reference_or_inputs() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     no_ref = model("1.0.0")
     with_ref = model("2.0.0", ref=reference([0.0, 1.0], [10], mean=[0.5, 0.5], std=[0.1, 0.1]))
     observe(collector, no_ref)
@@ -441,7 +443,7 @@ def test_drift_is_none_without_reference_or_inputs() -> None:
 
 
 def test_mean_shift_per_feature_and_per_channel() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     per_feature = model("1.0.0", ref=reference([0.0, 1.0], [10], mean=[0.5, 0.5], std=[0.1, 0.0]))
     per_channel = model(
         "2.0.0",
@@ -465,7 +467,7 @@ def test_mean_shift_per_feature_and_per_channel() -> None:
 
 
 def test_summary_keeps_counts_since_start() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
     m = model(ref=reference([0.0, 0.5, 1.0], [50, 50], mean=[0.5, 0.5], std=[0.1, 0.1]))
     observe(collector, m, [np.array([[0.25, 0.75]], dtype=np.float32)])
     collector.on_error(m)
@@ -528,7 +530,7 @@ def test_real_predictions_flush_to_a_valid_batch(digits: DigitsBundles) -> None:
     v1, v2 = load_model(digits.v1.folder), load_model(digits.v2.folder)
     data = np.load(digits.eval_npz)
     x, y = data["x"].astype(np.float32), data["y"]
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
 
     active = serve(collector, v1, x)
     candidate = serve(collector, v2, x)
@@ -564,7 +566,7 @@ def test_real_predictions_flush_to_a_valid_batch(digits: DigitsBundles) -> None:
 def test_drift_is_large_on_shifted_inputs(digits: DigitsBundles) -> None:
     v1 = load_model(digits.v1.folder)
     x = np.load(digits.eval_npz)["x"].astype(np.float32)
-    collector = TelemetryCollector(start=START, drift_sample_every=1)
+    collector = TelemetryCollector(start=START, drift_sample_interval_s=0.0)
 
     serve(collector, v1, x[:100])
     (normal,) = batch_round_trip(collector, START + 60.0).inference
@@ -579,7 +581,7 @@ def test_drift_is_large_on_shifted_inputs(digits: DigitsBundles) -> None:
 
 
 def test_drift_is_measured_on_the_sampled_inputs_of_a_batch() -> None:
-    collector = TelemetryCollector(start=START, drift_sample_every=4)
+    collector = TelemetryCollector(start=START)
     m = model(ref=reference([0.0, 0.5, 1.0], [50, 50], mean=[0.5, 0.5], std=[0.1, 0.1]))
     # Eight predictions, of which serving sampled two inputs: both low.
     low = (np.array([[0.25, 0.25]], dtype=np.float32),)
@@ -595,6 +597,12 @@ def test_drift_is_measured_on_the_sampled_inputs_of_a_batch() -> None:
     assert stats.count == 8
     only_low = population_stability_index(np.array([4, 0]), np.array([50, 50]))
     assert stats.drift_score == pytest.approx(only_low)
+
+
+@pytest.mark.parametrize("interval", [-0.001, math.nan])
+def test_a_drift_sample_interval_that_is_not_a_time_is_refused(interval: float) -> None:
+    with pytest.raises(ValueError, match="drift_sample_interval_s must be 0 or more"):
+        TelemetryCollector(drift_sample_interval_s=interval)
 
 
 def test_even_bins_by_arithmetic_match_a_search_of_the_edges() -> None:
