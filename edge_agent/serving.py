@@ -3,7 +3,8 @@
 `Predictor` holds the active model (the one that answers) and an optional shadow candidate
 (which runs on the same inputs so that the update machine can judge it, but never answers).
 Switching models must not stall traffic, so no lock is ever held across an inference except
-the one that belongs to the model's own interpreter.
+the one that belongs to the model's own interpreter. A fold takes a model's queue under
+that lock too, so it waits for the inference in flight on each model, and no longer.
 
 A request does as little as it can beyond the inference: it prepares the input, runs it,
 and queues the prediction. Every FOLD_EVERY predictions (and before each telemetry flush,
@@ -363,13 +364,14 @@ class Predictor:
             raise NoModelError("no model is loaded")
         arrays = active.prepare(inputs)
         lock = active.lock
+        failed = False
         lock.acquire()  # not `with`: on a small model its two method calls cost 0.5 %
         try:
             start = time.perf_counter()
             try:
                 outputs = active.run(arrays)
             except Exception:
-                self._notify("on_error", active.model)
+                failed = True
                 raise
             latency_ms = (time.perf_counter() - start) * 1000.0
             number = next(self._numbers)
@@ -381,6 +383,8 @@ class Predictor:
                     self._sample(active, arrays, start)
         finally:
             lock.release()
+            if failed:  # told outside the lock: the observer may fold, which takes it
+                self._notify("on_error", active.model)
         prediction = Prediction(active.model, outputs, latency_ms, number, self._prefix)
         if self._keeping:
             if active.retired:
@@ -453,7 +457,8 @@ class Predictor:
 
     def _fold_slot(self, slot: _Slot) -> None:
         numbers, latencies, outputs, samples = slot.take()
-        if not outputs and not samples:
+        count = len(outputs)
+        if count == 0 and not samples:
             return
         model = slot.model
         stacked = _stack_outputs(outputs)
@@ -462,9 +467,21 @@ class Predictor:
             nan = non_finite(stacked)
         else:
             top1, confidence, nan = _read_one_by_one(model, outputs)
-        self._memory.store(model, np.frombuffer(numbers, dtype=np.int64), top1)
+        if len(numbers) == count:
+            self._memory.store(model, np.frombuffer(numbers, dtype=np.int64), top1)
+        else:
+            # Only an exception between one request's appends (a KeyboardInterrupt) leaves
+            # the columns uneven; which number goes with which answer is then unknown, so
+            # feedback on them is refused as forgotten rather than judged against another.
+            logger.warning(
+                "%d predictions of %s %s were cut short while queued; feedback on them "
+                "will not be taken",
+                count,
+                model.name,
+                model.version,
+            )
         if self._observer is not None:
-            latencies_ms = np.frombuffer(latencies, dtype=np.float64)
+            latencies_ms = np.frombuffer(latencies, dtype=np.float64)[:count]
             batch = PredictionBatch(latencies_ms, top1, confidence, nan, tuple(samples))
             self._notify("on_predictions", model, batch)
 

@@ -380,6 +380,62 @@ def test_runner_failure_is_reported_and_raised(digits: DigitsBundles, recorder: 
     assert recorder.predicted() == 0
 
 
+def test_an_observer_may_fold_when_told_of_a_failed_inference(
+    digits: DigitsBundles, recorder: Recorder
+) -> None:
+    """on_error is called once the request has let go of the interpreter's lock, which a
+    fold takes: an observer that folds there must not hang the request."""
+    broken = failing_model(digits.v1.folder)
+    predictor = Predictor(recorder)
+    predictor.activate(broken)
+    folds: list[LoadedModel] = []
+    tell = recorder.on_error
+
+    def on_error(model: LoadedModel) -> None:
+        predictor.fold()
+        folds.append(model)
+        tell(model)
+
+    recorder.on_error = on_error  # type: ignore[method-assign]
+    failures: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            predictor.predict(np.zeros((8, 8, 1)))
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    worker = threading.Thread(target=request, daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert [str(exc) for exc in failures] == ["tensor arena exhausted"]
+    assert folds == [broken]
+    assert recorder.errors == [broken]
+
+
+def test_queue_columns_left_uneven_by_an_interrupt_are_counted_but_not_judged(
+    predictor: Predictor, recorder: Recorder, eval_data: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A KeyboardInterrupt between a request's appends leaves a number without its
+    answer: the fold still counts every answer, and refuses feedback on them rather than
+    judge one request's answer under another's id."""
+    slot = predictor._serving[0]
+    assert slot is not None
+    first = predictor.predict(eval_data[0][0])
+    slot.numbers.append(first.number + 1)  # the interrupted request got this far
+    second = predictor.predict(eval_data[0][1])
+    with caplog.at_level(logging.WARNING, logger="edge_agent.serving"):
+        predictor.fold()
+    assert recorder.predicted() == 2
+    assert "2 predictions of digits 1.0.0 were cut short" in caplog.text
+    for answered in (first, second):
+        with pytest.raises(UnknownPredictionError):
+            predictor.feedback(answered.prediction_id, 0)
+    third = predictor.predict(eval_data[0][2])  # the next fold's columns are even again
+    assert isinstance(predictor.feedback(third.prediction_id, 0), bool)
+
+
 def test_observer_failures_never_fail_requests_and_are_logged_once(
     v1: LoadedModel, v2: LoadedModel, eval_data: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -484,8 +540,7 @@ def test_requests_from_many_threads_beside_folds_are_each_folded_once_with_their
     assert len(answers) == threads * per_thread
     assert recorder.predicted() == threads * per_thread
     assert len({a.number for a in answers}) == threads * per_thread
-    # Feedback is judged against the top-1 answer the fold stored under each number: a
-    # number paired with another request's outputs would be judged wrong.
+    # Feedback is judged against the top-1 answer the fold stored under each number.
     wrong = [
         a.prediction_id
         for a in answers
