@@ -532,7 +532,7 @@ class Predictor:
                 )
 
 
-def _stack_outputs(group: list[tuple[np.ndarray, ...]]) -> list[np.ndarray] | None:
+def _stack_outputs(group: list[_Arrays]) -> list[np.ndarray] | None:
     """Each output over the group, one flattened sample per row; None when there is nothing
     to stack or the sizes differ between predictions (dynamically shaped outputs)."""
     if not group or not group[0]:
@@ -553,7 +553,7 @@ def _stack_outputs(group: list[tuple[np.ndarray, ...]]) -> list[np.ndarray] | No
 
 
 def _read_one_by_one(
-    model: LoadedModel, group: list[tuple[np.ndarray, ...]]
+    model: LoadedModel, group: list[_Arrays]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     answers = [model.classifier.one(outputs[0]) if outputs else (None, None) for outputs in group]
     top1 = np.array([NO_CLASS if t is None else t for t, _ in answers], dtype=np.int64)
