@@ -42,6 +42,10 @@ class LoadedModel:
     def classifier(self) -> Classifier:
         return Classifier.for_manifest(self.manifest)
 
+    def answer(self, outputs: tuple[np.ndarray, ...]) -> tuple[int | None, float | None]:
+        """(top-1 class, confidence) as the first of one sample's outputs reads."""
+        return self.classifier.one(outputs[0]) if outputs else (None, None)
+
 
 def load_model(
     folder: Path, *, threads: int | None = None, runtime: str | None = None
@@ -122,12 +126,7 @@ class Prediction:
     def _read(self) -> tuple[int | None, float | None]:
         answer = self._answer
         if answer is None:
-            answer = (
-                (None, None)
-                if not self.raw_outputs
-                else self.model.classifier.one(self.raw_outputs[0])
-            )
-            self._answer = answer
+            answer = self._answer = self.model.answer(self.raw_outputs)
         return answer
 
     def __repr__(self) -> str:

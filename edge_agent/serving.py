@@ -412,7 +412,7 @@ class Predictor:
             arrays = shadow.prepare(inputs)
             with shadow.lock:
                 outputs = shadow.run(arrays)
-            top1 = candidate.classifier.one(outputs[0])[0] if outputs else None
+            top1 = candidate.answer(outputs)[0]
         except Exception:
             if self._shadow_failure_logged_for is not candidate:
                 self._shadow_failure_logged_for = candidate
@@ -458,7 +458,7 @@ class Predictor:
     def _fold_slot(self, slot: _Slot) -> None:
         numbers, latencies, outputs, samples = slot.take()
         count = len(outputs)
-        if count == 0 and not samples:
+        if count == 0:  # samples are taken only beside an answer
             return
         model = slot.model
         stacked = _stack_outputs(outputs)
@@ -555,7 +555,7 @@ def _stack_outputs(group: list[_Arrays]) -> list[np.ndarray] | None:
 def _read_one_by_one(
     model: LoadedModel, group: list[_Arrays]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    answers = [model.classifier.one(outputs[0]) if outputs else (None, None) for outputs in group]
+    answers = [model.answer(outputs) for outputs in group]
     top1 = np.array([NO_CLASS if t is None else t for t, _ in answers], dtype=np.int64)
     confidence = np.array([np.nan if c is None else c for _, c in answers], dtype=np.float64)
     nan = np.array([bool(non_finite([o[np.newaxis] for o in outputs])[0]) for outputs in group])
