@@ -117,7 +117,7 @@ def _measure_served(bundle: Path, image: np.ndarray) -> tuple[Costs, int, int, f
 def _in_process_costs(
     name: str, bundle: Path, image: np.ndarray, more: dict[str, Callable[[], object]]
 ) -> Costs:
-    from edge_agent.model import load_model
+    from edge_agent.loaded_model import load_model
     from edge_agent.serving import Predictor
     from edge_agent.telemetry import TelemetryCollector
 
@@ -187,7 +187,7 @@ class _served:
         self.bundle = bundle
 
     def __enter__(self) -> tuple[int, int]:
-        from fleet_server.mosquitto import free_port
+        from devfleet.mosquitto import free_port
 
         self.state = tempfile.TemporaryDirectory(prefix="bench-agent-state-")
         port = free_port()

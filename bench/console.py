@@ -481,9 +481,9 @@ def _manifests() -> list[dict[str, Any]]:
 
 def seed_fleet(session: Any, scale: Scale, now: dt.datetime) -> None:
     """Devices with tags, model versions, update history and two rollouts."""
-    from fleet_server.models import Device, DeviceTag, ModelVersion, UpdateReportRow
     from fleet_server.rollouts import service
     from fleet_server.rollouts.spec import RolloutCreate
+    from fleet_server.tables import Device, DeviceTag, ModelVersion, UpdateReportRow
 
     session.execute(insert(ModelVersion), _manifests())
     devices, tags, reports = [], [], []
@@ -653,7 +653,7 @@ def _count(connection: Connection, reads: Reads, now: dt.datetime) -> int:
 def _raw_json_bytes(connection: Connection, reads: Reads, now: dt.datetime) -> int:
     """A device's charted columns over the span as compact JSON rows (time as unix
     seconds): what a page drawing its charts in the browser would have had to receive."""
-    from fleet_server.models import aware
+    from fleet_server.tables import aware
 
     table, where = _in_span(reads, now)
     columns = [table.c[name] for name in CHARTED[reads.table]]
@@ -680,9 +680,9 @@ def _measure_backend(
     from fleet_server.auth import Role
     from fleet_server.console.session import COOKIE
     from fleet_server.db import make_engine
-    from fleet_server.models import utcnow
     from fleet_server.services.tokens import create_api_token
     from fleet_server.settings import Settings
+    from fleet_server.tables import utcnow
 
     settings = Settings(data_dir=folder, database_url=url, rollout_interval_s=0)
     app = create_app(settings)  # builds the state: the migrations make the schema

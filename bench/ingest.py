@@ -53,8 +53,8 @@ from protocol.topics import Topics
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
 
-    from fleet_server.broker import BrokerCredentials
-    from fleet_server.mosquitto import Mosquitto
+    from devfleet.mosquitto import Mosquitto
+    from fleet_server.mqtt.broker_config import BrokerCredentials
     from fleet_server.state import FleetState
 
 DEVICES = 20
@@ -442,7 +442,7 @@ class _Broker:
     def dropping_notices(self) -> int:
         """How often Mosquitto logged that it began discarding messages for a client that
         fell behind (its `max_queued_messages`)."""
-        from fleet_server.broker import LOG_FILE
+        from fleet_server.mqtt.broker_config import LOG_FILE
 
         log = self.config_dir / LOG_FILE
         return log.read_text(errors="replace").count(BROKER_DROPPING) if log.exists() else 0
@@ -450,8 +450,8 @@ class _Broker:
 
 @contextlib.contextmanager
 def _broker(folder: Path) -> Iterator[_Broker]:
-    from fleet_server.local_fleet import start_broker
-    from fleet_server.mosquitto import find_mosquitto
+    from devfleet.local import start_broker
+    from devfleet.mosquitto import find_mosquitto
 
     executable = find_mosquitto()
     if executable is None:
@@ -546,7 +546,7 @@ def _measure_bare(folder: Path, devices: int, seqs: range, processes: int, mode:
     from fastapi.testclient import TestClient
 
     from fleet_server.app import create_app
-    from fleet_server.broker import BrokerAdmin
+    from fleet_server.mqtt.broker_admin import BrokerAdmin
     from fleet_server.settings import Settings
 
     with _broker(folder) as broker:
@@ -612,8 +612,8 @@ def _measure_server(
 ) -> Row:
     from sqlalchemy import func, select
 
-    from fleet_server.models import SeenMessage
-    from tests.fleet_server.harness import connected_server
+    from devfleet.in_process import connected_server
+    from fleet_server.tables import SeenMessage
 
     with (
         _broker(folder) as broker,
@@ -702,7 +702,7 @@ def _measure_server(
 def _health_rows(state: FleetState) -> int:
     from sqlalchemy import func, select
 
-    from fleet_server.models import HealthRow
+    from fleet_server.tables import HealthRow
 
     with state.sessions() as session:
         return session.scalar(select(func.count()).select_from(HealthRow)) or 0
@@ -711,7 +711,7 @@ def _health_rows(state: FleetState) -> int:
 def _measure_server_backlog(
     label: str, database_url: str, folder: Path, devices: int, seqs: range, processes: int
 ) -> Row:
-    from tests.fleet_server.harness import connected_server
+    from devfleet.in_process import connected_server
 
     with _broker(folder) as broker:
         server = (
@@ -763,7 +763,7 @@ def postgres_database() -> Iterator[str]:
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
-    from tests.fleet_server.harness import create_database, drop_database
+    from devfleet.databases import create_database, drop_database
 
     raw = os.environ.get(POSTGRES_ENV) or os.environ.get(TEST_POSTGRES_ENV) or DEFAULT_POSTGRES_URL
     try:

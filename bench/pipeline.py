@@ -15,10 +15,10 @@ from pathlib import Path
 
 from fleet_server.app import build_state
 from fleet_server.db import transaction
-from fleet_server.models import Device
 from fleet_server.mqtt.bridge import BATCH_MAX
 from fleet_server.mqtt.ingest import Received, write_batch
 from fleet_server.settings import Settings
+from fleet_server.tables import Device
 from protocol.messages import TelemetryBatch, decode_payload
 
 MESSAGES = 10_000

@@ -42,7 +42,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.workers import get_from
-from fleet_server.local_fleet import LocalFleet
+from devfleet.local import LocalFleet
 from protocol.messages import (
     MESSAGE_SCHEMA_VERSION,
     Availability,
@@ -572,7 +572,7 @@ def cpu_seconds(before: dict[int, int], after: dict[int, int]) -> float:
 
 class _Server(LocalFleet):
     def broker_pid(self) -> int:
-        from fleet_server.broker import PID_FILE
+        from fleet_server.mqtt.broker_config import PID_FILE
 
         return int((self.data_dir / "broker" / PID_FILE).read_text().split()[0])
 

@@ -32,7 +32,7 @@ import httpx
 import numpy as np
 
 from demo.loadgen import LoadGenerator
-from fleet_server.local_fleet import LocalAgent, LocalFleet
+from devfleet.local import LocalAgent, LocalFleet
 
 AGENTS = (
     ("cam-1", "site-a"),

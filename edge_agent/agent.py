@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.files import write_atomic
 from edge_agent.config import AgentConfig
-from edge_agent.files import write_atomic
 from edge_agent.health import HealthMonitor
 from edge_agent.link import Link
+from edge_agent.loaded_model import LoadedModel, load_model
 from edge_agent.local_api import LocalApi
-from edge_agent.model import LoadedModel, load_model
 from edge_agent.outbox import Outbox
 from edge_agent.serving import Predictor
 from edge_agent.status import OUTBOX_FILE

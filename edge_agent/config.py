@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from edge_agent.files import write_atomic
+from common.files import write_atomic
 from protocol.signing import SigningKeyError, TrustedKey, load_public_key
 from protocol.topics import DEFAULT_PREFIX
 

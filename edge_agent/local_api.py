@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from edge_agent.model import LoadedModel, Prediction
-from edge_agent.runtime import InputShapeError
+from common.litert import InputShapeError
+from edge_agent.loaded_model import LoadedModel, Prediction
 from edge_agent.serving import NoModelError, Predictor, UnknownPredictionError
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge_agent.files import fsync_dir
+from common.files import fsync_dir
 
 # Written into the file header so that a foreign SQLite database is refused, not altered.
 APPLICATION_ID = 0x45464F42  # "EFOB"

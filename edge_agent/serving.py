@@ -32,9 +32,9 @@ from typing import Any, cast
 
 import numpy as np
 
+from common.litert import InputShapeError, ModelRunner, TensorInfo
 from edge_agent.classify import NO_CLASS, non_finite
-from edge_agent.model import LoadedModel, Prediction, PredictionBatch, PredictionObserver
-from edge_agent.runtime import InputShapeError, ModelRunner, TensorInfo
+from edge_agent.loaded_model import LoadedModel, Prediction, PredictionBatch, PredictionObserver
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from edge_agent.files import fsync_dir, fsync_file
+from common.files import fsync_dir, fsync_file
 
 SLOT_NAMES = ("a", "b")
 CURRENT = "current"

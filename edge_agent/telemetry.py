@@ -31,7 +31,7 @@ from protocol.manifest import Manifest, ReferenceStats, check_name, semver_key
 from protocol.messages import AccuracyWindow, InferenceStats, ShadowStats
 
 if TYPE_CHECKING:
-    from edge_agent.model import LoadedModel, PredictionBatch
+    from edge_agent.loaded_model import LoadedModel, PredictionBatch
 
 DEFAULT_ROLLING_WINDOW = 500
 DEFAULT_MAX_LATENCY_SAMPLES = 10_000
@@ -274,7 +274,7 @@ class _Pending:
 class TelemetryCollector:
     """Counts what serving reports, per model version; `flush` turns it into messages.
 
-    Implements `edge_agent.model.PredictionObserver`. Every method is thread-safe.
+    Implements `edge_agent.loaded_model.PredictionObserver`. Every method is thread-safe.
     """
 
     def __init__(

@@ -9,15 +9,15 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.base import RequestResponseEndpoint
 
-from fleet_server.api import artifacts, devices, models, rollouts, system, tokens
+from fleet_server.api import artifacts, devices, model_registry, rollouts, system, tokens
 from fleet_server.api.docs import mount_docs
 from fleet_server.blobs import BlobStore
 from fleet_server.console import mount_console
 from fleet_server.db import make_engine, make_sessions
-from fleet_server.metrics import Metrics
 from fleet_server.migrate import upgrade
 from fleet_server.rollouts.controller import RolloutController
 from fleet_server.rollouts.watch import LiveGates
+from fleet_server.server_metrics import ServerMetrics
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
 from fleet_server.state import DesiredPublisher, FleetState
@@ -38,7 +38,7 @@ def build_state(settings: Settings, *, migrate: bool = True) -> FleetState:
         sessions=make_sessions(engine),
         blobs=BlobStore(settings.blob_dir()),
         topics=Topics(settings.topic_prefix),
-        metrics=Metrics(),
+        metrics=ServerMetrics(),
         live_gates=LiveGates(settings.live_gates_max_age_s),
     )
 
@@ -95,7 +95,7 @@ def create_app(
     app.state.fleet = state
     for router in (
         devices.router,
-        models.router,
+        model_registry.router,
         artifacts.router,
         rollouts.router,
         system.router,

@@ -2,7 +2,7 @@
 
 Devices, rollouts, gates and per-version field performance are built afresh on every
 scrape, as gauge families of a registry made for that scrape, next to the process's own
-counters (`fleet_server.metrics`). A label set that no longer exists (a version no device
+counters (`fleet_server.server_metrics`). A label set that no longer exists (a version no device
 runs any more, a rollout that finished) is simply not built, so it drops out of the
 exposition, and Prometheus marks the series stale. Setting long-lived labelled Gauges
 instead would need a clear() before every refill, and two scrapes served by concurrent
@@ -24,13 +24,13 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.alerts.config import CONDITION_KINDS
-from fleet_server.models import Alert, AlertDelivery, Device, ModelVersion, Rollout, RolloutDevice
 from fleet_server.rollouts import service
 from fleet_server.rollouts.gates import GateResult, Verdict
 from fleet_server.rollouts.spec import RolloutCreate
 from fleet_server.rollouts.watch import LiveGates
 from fleet_server.services.field import VersionField, field_performance
 from fleet_server.state import FleetState
+from fleet_server.tables import Alert, AlertDelivery, Device, ModelVersion, Rollout, RolloutDevice
 
 log = logging.getLogger(__name__)
 

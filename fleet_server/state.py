@@ -9,7 +9,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet_server.blobs import BlobStore
-from fleet_server.metrics import Metrics
+from fleet_server.server_metrics import ServerMetrics
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
 from protocol.topics import Topics
@@ -40,7 +40,7 @@ class FleetState:
     sessions: sessionmaker[Session]
     blobs: BlobStore
     topics: Topics
-    metrics: Metrics
+    metrics: ServerMetrics
     live_gates: LiveGates
     broker: BrokerAccess | None = None
     publisher: DesiredPublisher = field(default_factory=DesiredPublisher)

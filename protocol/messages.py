@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from protocol.manifest import SignedManifest, check_name, semver_key
@@ -29,9 +29,6 @@ from protocol.schema import (
     has_free_form,
     unique_keys,
 )
-
-if TYPE_CHECKING:
-    from protocol.topics import TopicKind
 
 MESSAGE_SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -439,6 +436,8 @@ class TelemetryBatch:
 # --- bytes on the wire --------------------------------------------------------------
 
 Payload = Availability | DesiredState | UpdateReport | TelemetryBatch
+# What a device publishes, so what the server ingests.
+DevicePayload = Availability | UpdateReport | TelemetryBatch
 PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     Availability,
     DesiredState,
@@ -446,15 +445,6 @@ PAYLOAD_TYPES: tuple[type[Payload], ...] = (
     TelemetryBatch,
 )
 P = TypeVar("P", bound=Payload)
-
-
-def payload_type(kind: TopicKind) -> type[Payload]:
-    """The payload class of a topic kind."""
-    # Imported here because protocol.topics imports this module for its SPEC table.
-    from protocol.topics import SPEC, TopicKind
-
-    payload: type[Payload] = SPEC[TopicKind(kind)].payload
-    return payload
 
 
 def encode_payload(obj: Payload) -> bytes:
@@ -634,6 +624,7 @@ __all__ = [
     "AccuracyWindow",
     "Availability",
     "DesiredState",
+    "DevicePayload",
     "HealthSample",
     "InferenceStats",
     "ModelTarget",
@@ -645,7 +636,6 @@ __all__ = [
     "UpdateState",
     "decode_payload",
     "encode_payload",
-    "payload_type",
 ]
 
 _TYPED_JSON = json.JSONDecoder(parse_constant=_refuse_constant, object_pairs_hook=unique_keys)

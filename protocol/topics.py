@@ -11,17 +11,28 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
 
-from protocol.messages import Availability, DesiredState, TelemetryBatch, UpdateReport
+from protocol.messages import (
+    Availability,
+    DesiredState,
+    DevicePayload,
+    Payload,
+    TelemetryBatch,
+    UpdateReport,
+)
 
 DEFAULT_PREFIX = "edgefleet"
+# The server replicas' shared-subscription group.
+SHARE_GROUP = "fleet"
 
 # fullmatch, not match: `$` would let a trailing newline through.
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # MQTT forbids U+0000 in topic names; `+` and `#` would turn a name into a filter.
 _FORBIDDEN_IN_LEVEL = ("+", "#", "\x00")
+# A prefix also ends up in broker ACLs and configuration lines, where whitespace ends an
+# option and `%` starts a substitution (`%u`, `%c`): its levels keep to these characters.
+_PREFIX_LEVEL = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 class TopicKind(StrEnum):
@@ -34,14 +45,19 @@ class TopicKind(StrEnum):
 _KINDS = frozenset(k.value for k in TopicKind)
 
 
+class Publisher(StrEnum):
+    DEVICE = "device"
+    SERVER = "server"
+
+
 @dataclass(frozen=True)
 class TopicSpec:
     """How a topic is used: who publishes, at which QoS, whether the broker retains it."""
 
-    publisher: Literal["device", "server"]
+    publisher: Publisher
     qos: int
     retained: bool
-    payload: type
+    payload: type[Payload]
 
     def __post_init__(self) -> None:
         if self.qos not in (0, 1, 2):
@@ -51,12 +67,36 @@ class TopicSpec:
 SPEC: dict[TopicKind, TopicSpec] = {
     # Retained so that whoever subscribes learns the device's last state at once; the last
     # will is the retained `offline` message, so a device that vanishes is marked offline.
-    TopicKind.AVAILABILITY: TopicSpec("device", qos=1, retained=True, payload=Availability),
+    TopicKind.AVAILABILITY: TopicSpec(Publisher.DEVICE, qos=1, retained=True, payload=Availability),
     # Retained so that a device that was offline finds its target the moment it subscribes.
-    TopicKind.DESIRED: TopicSpec("server", qos=1, retained=True, payload=DesiredState),
-    TopicKind.REPORTS: TopicSpec("device", qos=1, retained=False, payload=UpdateReport),
-    TopicKind.TELEMETRY: TopicSpec("device", qos=1, retained=False, payload=TelemetryBatch),
+    TopicKind.DESIRED: TopicSpec(Publisher.SERVER, qos=1, retained=True, payload=DesiredState),
+    TopicKind.REPORTS: TopicSpec(Publisher.DEVICE, qos=1, retained=False, payload=UpdateReport),
+    TopicKind.TELEMETRY: TopicSpec(Publisher.DEVICE, qos=1, retained=False, payload=TelemetryBatch),
 }
+# What a device may publish, and what it receives: its broker ACLs say exactly this.
+DEVICE_PUBLISHED = tuple(kind for kind, spec in SPEC.items() if spec.publisher is Publisher.DEVICE)
+SERVER_PUBLISHED = tuple(kind for kind, spec in SPEC.items() if spec.publisher is Publisher.SERVER)
+
+
+def payload_type(kind: TopicKind) -> type[Payload]:
+    """The payload class of a topic kind."""
+    return SPEC[TopicKind(kind)].payload
+
+
+def device_payload_type(kind: TopicKind) -> type[DevicePayload]:
+    """The payload class of a kind devices publish; ValueError for the others."""
+    payload = payload_type(kind)
+    if payload is Availability or payload is UpdateReport or payload is TelemetryBatch:
+        return payload
+    raise ValueError(f"devices do not publish on {TopicKind(kind)} topics")
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """The shared subscription `$share/{group}/{topic_filter}`: the broker hands each
+    message to one member of the group."""
+    if not _SHARE_GROUP.fullmatch(group):
+        raise ValueError(f"share group {group!r} must be 1-64 letters, digits, '_' or '-'")
+    return f"$share/{group}/{topic_filter}"
 
 
 def check_device_id(device_id: str) -> str:
@@ -82,6 +122,11 @@ def _check_prefix(prefix: str) -> None:
             raise ValueError(f"topic prefix {prefix!r} has an empty level ('//')")
         if any(c in level for c in _FORBIDDEN_IN_LEVEL):
             raise ValueError(f"topic prefix {prefix!r} must not contain '+', '#' or NUL")
+        if not _PREFIX_LEVEL.fullmatch(level):
+            raise ValueError(
+                f"topic prefix {prefix!r}: level {level!r} may hold only letters, digits, "
+                "'.', '_' or '-'"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,6 +157,10 @@ class Topics:
         """The filter for everything of one device (for broker ACLs and debugging)."""
         return f"{self.prefix}/devices/{check_device_id(device_id)}/#"
 
+    def everything(self) -> str:
+        """The filter for every topic of the fleet (the server's broker ACLs)."""
+        return f"{self.prefix}/#"
+
     def server_subscriptions(self, group: str | None = None) -> list[str]:
         """The server's subscriptions to every device-published topic.
 
@@ -122,14 +171,8 @@ class Topics:
         ones, so what devices send between a broker restart and the server's resubscribing
         reaches only a plain subscription.
         """
-        if group is not None and not _SHARE_GROUP.fullmatch(group):
-            raise ValueError(f"share group {group!r} must be 1-64 letters, digits, '_' or '-'")
-        share = f"$share/{group}/" if group is not None else ""
-        return [
-            f"{share}{self.prefix}/devices/+/{kind}"
-            for kind, spec in SPEC.items()
-            if spec.publisher == "device"
-        ]
+        filters = [f"{self.prefix}/devices/+/{kind}" for kind in DEVICE_PUBLISHED]
+        return filters if group is None else [shared(group, f) for f in filters]
 
     def parse(self, topic: str) -> tuple[str, TopicKind]:
         """Split one of our device topics into (device_id, kind), or raise ValueError."""
@@ -155,9 +198,16 @@ class Topics:
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "DEVICE_PUBLISHED",
+    "SERVER_PUBLISHED",
+    "SHARE_GROUP",
     "SPEC",
+    "Publisher",
     "TopicKind",
     "TopicSpec",
     "Topics",
     "check_device_id",
+    "device_payload_type",
+    "payload_type",
+    "shared",
 ]

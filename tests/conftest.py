@@ -74,7 +74,7 @@ def reference_models(
 
 @pytest.fixture(scope="session")
 def mosquitto_executable() -> str:
-    from fleet_server.mosquitto import find_mosquitto
+    from devfleet.mosquitto import find_mosquitto
 
     executable = find_mosquitto()
     if executable is None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from fleet_server.local_fleet import LocalAgent, LocalFleet
+from devfleet.local import LocalAgent, LocalFleet
 
 WAIT = 60.0
 FAST_TELEMETRY = {"EDGE_AGENT_TELEMETRY_INTERVAL_S": "0.5"}

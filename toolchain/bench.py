@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.runtime import RUNTIME_KEYS
+from common.litert import RUNTIME_KEYS
 from toolchain.errors import ArtifactError, OptionError
 
 WORKER_MODULE = "toolchain.bench_worker"
-# The directory holding the toolchain and edge_agent packages, for a worker run from anywhere.
+# The directory holding the toolchain and common packages, for a worker run from anywhere.
 _SOURCE_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,7 +58,7 @@ def benchmark(
 ) -> BenchResult:
     """Time `runs` invokes of one batch-1 sample (real values; random when not given).
 
-    `runtime` forces one of edge_agent.runtime.RUNTIME_KEYS in the worker; by default it picks
+    `runtime` forces one of common.litert.RUNTIME_KEYS in the worker; by default it picks
     the way a device would.
     """
     _check_options(runs, warmup, threads, timeout, runtime)

@@ -18,7 +18,7 @@ from typing import Any
 import click
 import numpy as np
 
-from edge_agent.runtime import (
+from common.litert import (
     InputShapeError,
     ModelLoadError,
     ModelRunner,
@@ -163,7 +163,7 @@ def run(
 @click.option("--warmup", type=int, default=20)
 @click.option("--threads", type=int, default=None)
 @click.option("--sample", type=click.Path(path_type=Path), default=None)
-@click.option("--runtime", default=None, help="Force one of edge_agent's RUNTIME_KEYS.")
+@click.option("--runtime", default=None, help="Force one of common.litert.RUNTIME_KEYS.")
 def main(
     model: Path,
     *,

@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edge_agent.files import fsync_dir
+from common.files import fsync_dir, write_synced
 from protocol.manifest import MANIFEST_FILE, SignedManifest, manifest_to_json
 from toolchain.errors import OptionError
 
@@ -24,8 +24,8 @@ def write_bundle(out: Path, model: bytes, model_file: str, signed: SignedManifes
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        _write_synced(staging / model_file, model)
-        _write_synced(staging / MANIFEST_FILE, manifest_to_json(signed))
+        write_synced(staging / model_file, model)
+        write_synced(staging / MANIFEST_FILE, manifest_to_json(signed))
         fsync_dir(staging)
         _swap_in(staging, out)
     except BaseException:
@@ -44,24 +44,3 @@ def _swap_in(staging: Path, out: Path) -> None:
     os.rename(out, retired / out.name)
     os.rename(staging, out)
     shutil.rmtree(retired, ignore_errors=True)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())

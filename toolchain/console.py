@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edge_agent.runtime import TensorInfo
+from common.litert import TensorInfo
 from protocol.manifest import SignedManifest
 from toolchain.bench import BenchResult
 from toolchain.convert import Candidate, ConvertResult

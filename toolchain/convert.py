@@ -22,7 +22,8 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edge_agent.runtime import (
+from common.files import write_atomic
+from common.litert import (
     InputShapeError,
     ModelLoadError,
     ModelRunner,
@@ -49,7 +50,7 @@ from protocol.manifest import (
 from protocol.signing import SigningKeyError, file_sha256, load_private_key, sign_manifest
 from toolchain import datasets
 from toolchain.bench import BenchResult, benchmark
-from toolchain.bundle import check_out_dir, write_bundle, write_file_atomic
+from toolchain.bundle import check_out_dir, write_bundle
 from toolchain.errors import (
     AccuracyGateError,
     ArtifactError,
@@ -210,7 +211,8 @@ def convert_model(options: ConvertOptions, progress: Progress | None = None) -> 
             candidates = _convert_candidates(job)
         result = _select(job, candidates)
         if options.layer_report is not None and job.layers is not None:
-            write_file_atomic(options.layer_report, layer_report_csv(job.layers).encode())
+            options.layer_report.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(options.layer_report, layer_report_csv(job.layers).encode())
         chosen = result.chosen
         if chosen is None or not chosen.passed:
             raise AccuracyGateError(_gate_failure(result), result)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_agent.runtime import TensorInfo
+from common.litert import TensorInfo
 from toolchain.errors import ArtifactError
 
 FILE_IDENTIFIER = b"TFL3"

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from edge_agent.files import write_atomic
-from edge_agent.model import LoadedModel
+from common.files import write_atomic
+from edge_agent.loaded_model import LoadedModel
 from edge_agent.serving import Predictor
 from edge_agent.slots import MANIFEST, Slots
 from edge_agent.update.states import RESTING, Event, next_state

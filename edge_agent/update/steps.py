@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.model import LoadedModel
-from edge_agent.runtime import ModelLoadError
+from common.litert import ModelLoadError
+from edge_agent.loaded_model import LoadedModel
 from edge_agent.verify_signature import VerifierError, verify_in_child
 from protocol.manifest import Manifest, ManifestError, semver_key
 from protocol.messages import DesiredState, ModelTarget

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.alerts.config import EventKind
-from fleet_server.models import AccuracyRow, Alert, Device, Rollout, RolloutEvent, aware
+from fleet_server.tables import AccuracyRow, Alert, Device, Rollout, RolloutEvent, aware
 
 # Rollout event kinds (fleet_server.rollouts) that become alerts. `gates_failed` is not one:
 # the controller always records a `paused` or `rolled_back` right after it, and that alert

@@ -15,9 +15,9 @@ from fleet_server.alerts import detect, store
 from fleet_server.alerts.config import WebhookConfig
 from fleet_server.alerts.deliver import Clock, deliver_due
 from fleet_server.db import transaction
-from fleet_server.models import utcnow
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
+from fleet_server.tables import utcnow
 
 log = logging.getLogger(__name__)
 

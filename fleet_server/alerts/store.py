@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from fleet_server.alerts.config import EventKind, WebhookConfig
 from fleet_server.alerts.detect import Condition, Found, chunks
-from fleet_server.models import Alert, AlertDelivery
+from fleet_server.tables import Alert, AlertDelivery
 
 
 def raise_once(

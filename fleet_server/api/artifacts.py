@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.responses import FileResponse
 
 from fleet_server.api.deps import DeviceDep, SessionDep, StateDep
-from fleet_server.models import DesiredState
+from fleet_server.tables import DesiredState
 
 router = APIRouter(prefix="/api/v1", tags=["artifacts"])
 

@@ -15,10 +15,10 @@ from fastapi.security import (
 from sqlalchemy.orm import Session
 
 from fleet_server.auth import Role
-from fleet_server.models import Device
 from fleet_server.services.devices import authenticate_device
 from fleet_server.services.tokens import Caller, authenticate
 from fleet_server.state import FleetState
+from fleet_server.tables import Device
 
 _bearer = HTTPBearer(auto_error=False)
 _basic = HTTPBasic(auto_error=False, realm="edgefleet devices")

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
-from fleet_server.models import Device
 from fleet_server.schemas import (
     MAX_OFFSET,
     DevicePage,
@@ -19,6 +18,7 @@ from fleet_server.schemas import (
 )
 from fleet_server.services import devices
 from fleet_server.services.tokens import EnrollmentRefused
+from fleet_server.tables import Device
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 

@@ -11,10 +11,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
-from fleet_server.models import Rollout, RolloutDevice, RolloutEvent
 from fleet_server.rollouts import controller, service
 from fleet_server.rollouts.spec import RolloutCreate
 from fleet_server.rollouts.watch import LiveGates
+from fleet_server.tables import Rollout, RolloutDevice, RolloutEvent
 
 router = APIRouter(prefix="/api/v1", tags=["rollouts"])
 

@@ -10,8 +10,8 @@ from sqlalchemy import select, text
 
 from fleet_server import fleet_metrics
 from fleet_server.api.deps import Admin, SessionDep, StateDep
-from fleet_server.models import AuditEvent
 from fleet_server.schemas import MAX_OFFSET, AuditRead, Health
+from fleet_server.tables import AuditEvent
 
 router = APIRouter(tags=["system"])
 

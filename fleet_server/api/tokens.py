@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response, status
 
 from fleet_server.api.deps import Admin, SessionDep
-from fleet_server.models import ApiToken
 from fleet_server.schemas import ApiTokenRead
 from fleet_server.services.tokens import list_api_tokens, revoke_api_token
+from fleet_server.tables import ApiToken
 
 router = APIRouter(prefix="/api/v1", tags=["tokens"])
 

@@ -25,13 +25,13 @@ from fleet_server.console.session import (
     require_operator,
     safe_next,
 )
-from fleet_server.models import utcnow
 from fleet_server.rollouts import controller, service
 from fleet_server.rollouts.gates import AT_LEAST
 from fleet_server.services import devices as device_service
 from fleet_server.services.field import field_performance
 from fleet_server.services.tokens import authenticate
 from fleet_server.state import FleetState
+from fleet_server.tables import utcnow
 
 HERE = Path(__file__).parent
 templates = Jinja2Templates(directory=HERE / "templates")

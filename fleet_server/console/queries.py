@@ -16,7 +16,8 @@ from sqlalchemy import ColumnElement, Integer, cast, extract, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from fleet_server.console.charts import Series
-from fleet_server.models import (
+from fleet_server.rollouts import service as rollouts
+from fleet_server.tables import (
     AccuracyRow,
     Device,
     HealthRow,
@@ -25,7 +26,6 @@ from fleet_server.models import (
     Rollout,
     UpdateReportRow,
 )
-from fleet_server.rollouts import service as rollouts
 from protocol.manifest import Manifest, ManifestError, parse_manifest, semver_key
 
 # The time ranges a device page offers, and how many points a chart gets over any of them.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from fleet_server import models  # noqa: F401  (registers every table on Base.metadata)
+from fleet_server import tables  # noqa: F401  (registers every table on Base.metadata)
 from fleet_server.db import Base, make_engine
 
 config = context.config

@@ -23,8 +23,6 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
 
-from fleet_server.broker import SHARE_GROUP
-from fleet_server.models import DesiredState, utcnow
 from fleet_server.mqtt.ingest import prune
 from fleet_server.mqtt.ingest_process import (
     IngestProcess,
@@ -33,8 +31,9 @@ from fleet_server.mqtt.ingest_process import (
     RawMessage,
 )
 from fleet_server.state import DesiredPublisher, FleetState
+from fleet_server.tables import DesiredState, utcnow
 from protocol.messages import MAX_PAYLOAD_BYTES
-from protocol.topics import SPEC, TopicKind
+from protocol.topics import SHARE_GROUP, SPEC, TopicKind
 
 log = logging.getLogger("fleet_server.mqtt")
 

@@ -11,7 +11,8 @@ from sqlalchemy import Table, delete, select, text, update
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
-from fleet_server.models import (
+from fleet_server.mqtt.bulk import insert_rows
+from fleet_server.tables import (
     AccuracyRow,
     Device,
     HealthRow,
@@ -21,16 +22,13 @@ from fleet_server.models import (
     UpdateReportRow,
     utcnow,
 )
-from fleet_server.mqtt.bulk import insert_rows
-from protocol.messages import Availability, TelemetryBatch, UpdateReport, UpdateState
-
-Payload = Availability | UpdateReport | TelemetryBatch
+from protocol.messages import Availability, DevicePayload, TelemetryBatch, UpdateReport, UpdateState
 
 
 @dataclass(frozen=True)
 class Received:
     device_id: str
-    message: Payload
+    message: DevicePayload
     received_at: dt.datetime
 
 

@@ -20,8 +20,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from fleet_server.mqtt.ingest import Received, write_batch
-from protocol.messages import PayloadError, decode_payload, payload_type
-from protocol.topics import TopicKind
+from protocol.messages import PayloadError, decode_payload
+from protocol.topics import TopicKind, device_payload_type
 
 log = logging.getLogger("fleet_server.mqtt")
 
@@ -66,13 +66,13 @@ def decode_batch(raw: list[RawMessage]) -> tuple[list[Received], Outcome]:
     decoded = []
     for item in raw:
         try:
-            message = decode_payload(payload_type(item.kind), item.payload)
+            message = decode_payload(device_payload_type(item.kind), item.payload)
         except PayloadError as exc:
             outcome.refused.append(Refused(item.device_id, item.kind, str(exc)))
             continue
         outcome.accepted[item.kind] += 1
         when = dt.datetime.fromtimestamp(item.received_at, dt.UTC)
-        decoded.append(Received(item.device_id, message, when))  # type: ignore[arg-type]
+        decoded.append(Received(item.device_id, message, when))
     return decoded, outcome
 
 

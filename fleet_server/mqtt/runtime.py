@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fleet_server.broker import CREDENTIALS_FILE, BrokerAdmin, load_server_credentials
 from fleet_server.mqtt.bridge import MqttBridge
+from fleet_server.mqtt.broker_admin import BrokerAdmin
+from fleet_server.mqtt.broker_config import CREDENTIALS_FILE, load_server_credentials
 from fleet_server.state import FleetState
 
 

@@ -27,7 +27,13 @@ from collections.abc import Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet_server.models import (
+from fleet_server.rollouts import evidence, service
+from fleet_server.rollouts.gates import GateResult, Phase, Verdict, evaluate, overall
+from fleet_server.rollouts.service import Action, Conflict, finish, record
+from fleet_server.rollouts.spec import RolloutCreate
+from fleet_server.services import desired
+from fleet_server.state import FleetState
+from fleet_server.tables import (
     Device,
     ModelVersion,
     Rollout,
@@ -35,12 +41,6 @@ from fleet_server.models import (
     UpdateReportRow,
     aware,
 )
-from fleet_server.rollouts import evidence, service
-from fleet_server.rollouts.gates import GateResult, Phase, Verdict, evaluate, overall
-from fleet_server.rollouts.service import Action, Conflict, finish, record
-from fleet_server.rollouts.spec import RolloutCreate
-from fleet_server.services import desired
-from fleet_server.state import FleetState
 
 log = logging.getLogger(__name__)
 

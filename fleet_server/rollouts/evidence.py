@@ -16,7 +16,8 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
-from fleet_server.models import (
+from fleet_server.rollouts.gates import DeviceEvidence, Install, Phase
+from fleet_server.tables import (
     AccuracyRow,
     InferenceRow,
     ModelVersion,
@@ -25,7 +26,6 @@ from fleet_server.models import (
     ShadowRow,
     aware,
 )
-from fleet_server.rollouts.gates import DeviceEvidence, Install, Phase
 
 # How far back a device's previous model is read, before the rollout reached it.
 PREVIOUS_SPAN = dt.timedelta(hours=1)

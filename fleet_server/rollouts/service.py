@@ -18,7 +18,10 @@ from typing import Any, Literal
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from fleet_server.models import (
+from fleet_server.rollouts.gates import Reference
+from fleet_server.rollouts.spec import RolloutCreate, WaveSpec
+from fleet_server.services import audit
+from fleet_server.tables import (
     Device,
     DeviceTag,
     ModelVersion,
@@ -27,9 +30,6 @@ from fleet_server.models import (
     RolloutEvent,
     utcnow,
 )
-from fleet_server.rollouts.gates import Reference
-from fleet_server.rollouts.spec import RolloutCreate, WaveSpec
-from fleet_server.services import audit
 
 # Execution states of a rollout: `running` is driven by the controller, `paused` waits for
 # a person, the rest are final.

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session
 
-from fleet_server.models import Rollout, RolloutDevice
 from fleet_server.rollouts.controller import judge
 from fleet_server.rollouts.gates import GateResult
+from fleet_server.tables import Rollout, RolloutDevice
 
 Judge = Callable[[Session, Rollout, Sequence[RolloutDevice]], list[GateResult]]
 _Key = tuple[int, int, str | None]  # rollout, wave, phase: a new phase is judged afresh

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from fleet_server.models import AuditEvent
+from fleet_server.tables import AuditEvent
 
 
 def record(session: Session, actor: str, action: str, target: str | None, **details: Any) -> None:

@@ -9,10 +9,10 @@ from typing import Literal
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from fleet_server.models import DesiredState as DesiredRow
-from fleet_server.models import Device, ModelVersion, utcnow
 from fleet_server.services import audit
 from fleet_server.state import FleetState
+from fleet_server.tables import DesiredState as DesiredRow
+from fleet_server.tables import Device, ModelVersion, utcnow
 from protocol.messages import MESSAGE_SCHEMA_VERSION, DesiredState, ModelTarget, encode_payload
 
 

@@ -10,15 +10,15 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.auth import matches, new_device_id, new_secret, secret_hash
-from fleet_server.models import Device, DeviceTag, utcnow
 from fleet_server.services import audit
 from fleet_server.services.tokens import consume_enrollment_token
+from fleet_server.tables import Device, DeviceTag, utcnow
 
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 
 
 class BrokerAccess(Protocol):
-    """What the device registry needs from the broker (fleet_server.broker.BrokerAdmin)."""
+    """What the device registry needs from the broker (`mqtt.broker_admin.BrokerAdmin`)."""
 
     def add_device(self, device_id: str, password: str, prefix: str = ...) -> None: ...
 

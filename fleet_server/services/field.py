@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, SQLColumnExpression, case, func, select
 from sqlalchemy.orm import Session
 
-from fleet_server.models import AccuracyRow, InferenceRow
+from fleet_server.tables import AccuracyRow, InferenceRow
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from fleet_server.auth import (
     new_secret,
     secret_hash,
 )
-from fleet_server.models import ApiToken, EnrollmentToken, aware, utcnow
 from fleet_server.services import audit
+from fleet_server.tables import ApiToken, EnrollmentToken, aware, utcnow
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import pytest
 from bench import console
 from fleet_server.app import build_state
 from fleet_server.db import make_engine
-from fleet_server.models import HealthRow, utcnow
 from fleet_server.settings import Settings
+from fleet_server.tables import HealthRow, utcnow
 
 DEVICES = 5
 FULL = 2

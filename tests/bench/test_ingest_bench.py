@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from bench import ingest
-from fleet_server.mosquitto import find_mosquitto
+from devfleet.mosquitto import find_mosquitto
 
 DEVICES = 3
 PER_DEVICE = 100

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.model import LoadedModel, load_model
+from edge_agent.loaded_model import LoadedModel, load_model
 from edge_agent.serving import Predictor
 from tests.bundles import DigitsBundles
 from tests.edge_agent.doubles import Recorder

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.model import LoadedModel, PredictionBatch, load_model
-from edge_agent.runtime import ModelRunner
+from common.litert import ModelRunner
+from edge_agent.loaded_model import LoadedModel, PredictionBatch, load_model
 from protocol.manifest import TensorSpec
 
 

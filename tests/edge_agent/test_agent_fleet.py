@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fleet_server.broker import CREDENTIALS_FILE, load_server_credentials
+from fleet_server.mqtt.broker_config import CREDENTIALS_FILE, load_server_credentials
 from protocol.topics import Topics
 from tests.bundles import DigitsBundles
 from tests.fleet import Fleet, agent_serving, enroll_agent, eventually, running_fleet

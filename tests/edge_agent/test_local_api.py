@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from edge_agent.loaded_model import LoadedModel
 from edge_agent.local_api import LocalApi
-from edge_agent.model import LoadedModel
 from edge_agent.serving import Predictor
 from tests.bundles import DigitsBundles
 from tests.edge_agent.doubles import Recorder, failing_model, two_input_model

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.litert import InputShapeError
 from edge_agent import serving
 from edge_agent.classify import NO_CLASS, Classifier
-from edge_agent.model import LoadedModel, Prediction, PredictionBatch
-from edge_agent.runtime import InputShapeError
+from edge_agent.loaded_model import LoadedModel, Prediction, PredictionBatch
 from edge_agent.serving import NoModelError, Predictor, UnknownPredictionError
 from protocol.manifest import TensorSpec
 from tests.bundles import DigitsBundles

@@ -17,9 +17,9 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
+from common.litert import ModelRunner
 from edge_agent.classify import NO_CLASS, non_finite
-from edge_agent.model import LoadedModel, PredictionBatch, PredictionObserver, load_model
-from edge_agent.runtime import ModelRunner
+from edge_agent.loaded_model import LoadedModel, PredictionBatch, PredictionObserver, load_model
 from edge_agent.serving import Predictor
 from edge_agent.telemetry import (
     MIN_WINDOW_S,

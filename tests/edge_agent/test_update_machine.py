@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent.model import load_model
+from edge_agent.loaded_model import load_model
 from edge_agent.serving import Predictor
 from edge_agent.update import steps
 from edge_agent.update.machine import (

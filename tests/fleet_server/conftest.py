@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fleet_server.broker import BrokerAdmin, BrokerCredentials
-from fleet_server.local_fleet import start_broker
-from fleet_server.mosquitto import Mosquitto
+from devfleet.local import start_broker
+from devfleet.mosquitto import Mosquitto
+from fleet_server.mqtt.broker_admin import BrokerAdmin
+from fleet_server.mqtt.broker_config import BrokerCredentials
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleet_server.broker import (
+from fleet_server.mqtt.broker_admin import BrokerAdmin, BrokerAdminError
+from fleet_server.mqtt.broker_config import (
     CONFIG_FILE,
     CONTROL_TOPIC,
     CREDENTIALS_FILE,
     DYNSEC_FILE,
-    BrokerAdmin,
-    BrokerAdminError,
     BrokerCredentials,
     device_acls,
     device_role,
@@ -34,6 +33,7 @@ from fleet_server.broker import (
     load_server_credentials,
     write_broker_config,
 )
+from protocol.topics import Topics
 from tests.fleet_server.conftest import RunningBroker
 
 # Generous: a loaded 2-core CI machine must not turn a slow answer into a failure.
@@ -531,9 +531,9 @@ def test_setting_the_password_of_an_unknown_device_fails(broker_admin: BrokerAdm
 def test_device_ids_that_could_widen_an_acl_are_refused(
     broker_admin: BrokerAdmin, device_id: str
 ) -> None:
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(ValueError, match=r"device id .* must be 1-64 letters"):
         broker_admin.add_device(device_id, "pw")
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(ValueError, match=r"device id .* must be 1-64 letters"):
         broker_admin.remove_device(device_id)
 
 
@@ -639,7 +639,7 @@ def test_config_is_not_overwritten_unless_forced(tmp_path: Path) -> None:
     [{"port": 0}, {"host": "0.0.0.0 1884"}, {"server_username": "a/b"}, {"prefix": "fleet/#"}],
 )
 def test_config_rejects_values_that_would_break_it(tmp_path: Path, options: Any) -> None:
-    with pytest.raises(ValueError, match=r"invalid|port"):
+    with pytest.raises(ValueError, match=r"invalid|port|topic prefix"):
         write_broker_config(tmp_path, **options)
     assert not any(tmp_path.iterdir())
 
@@ -655,3 +655,29 @@ def test_plugin_is_found_in_a_searched_folder(tmp_path: Path) -> None:
     plugin.write_bytes(b"")
 
     assert find_dynsec_plugin([tmp_path / "nothing-here", tmp_path / "*"]) == plugin
+
+
+@pytest.mark.parametrize(
+    "prefix", ["acme/prod", "fleet.v2", "a_b-c", "$SYS", "fleet/#", "acme prod", "x//y", "é"]
+)
+def test_broker_config_takes_exactly_the_prefixes_the_wire_contract_takes(
+    tmp_path: Path, prefix: str
+) -> None:
+    plugin = tmp_path / "mosquitto_dynamic_security.so"
+    out = tmp_path / "broker"
+    refusal = _refusal(lambda: Topics(prefix))
+    assert _refusal(lambda: write_broker_config(out, prefix=prefix, plugin=plugin)) == refusal
+    if refusal is not None:
+        assert not out.exists()
+    else:
+        roles = json.loads((out / DYNSEC_FILE).read_text())["roles"]
+        assert f"{prefix}/#" in {acl["topic"] for acl in roles[0]["acls"]}
+
+
+def _refusal(call: Callable[[], object]) -> str | None:
+    """The ValueError's message, or None when `call` went through."""
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 from sqlalchemy.orm import Session
 
-from fleet_server.models import Rollout, RolloutDevice
 from fleet_server.rollouts.gates import GateResult, Verdict
 from fleet_server.rollouts.watch import LiveGates
+from fleet_server.tables import Rollout, RolloutDevice
 
 
 class Clock:

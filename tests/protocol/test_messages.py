@@ -32,10 +32,9 @@ from protocol.messages import (
     UpdateState,
     decode_payload,
     encode_payload,
-    payload_type,
 )
 from protocol.signing import TrustedKey, sign_manifest, verify_signature
-from protocol.topics import SPEC, TopicKind
+from protocol.topics import SPEC, TopicKind, payload_type
 from tests.protocol.conftest import make_manifest
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -2,14 +2,19 @@ from __future__ import annotations
 
 import pytest
 
-from protocol.messages import Availability, DesiredState, TelemetryBatch, UpdateReport
+from protocol.messages import Availability, DesiredState, Payload, TelemetryBatch, UpdateReport
 from protocol.topics import (
     DEFAULT_PREFIX,
+    DEVICE_PUBLISHED,
+    SERVER_PUBLISHED,
     SPEC,
+    Publisher,
     TopicKind,
     Topics,
     TopicSpec,
     check_device_id,
+    device_payload_type,
+    shared,
 )
 
 TOPICS = Topics()
@@ -74,6 +79,10 @@ def test_builders_refuse_bad_device_ids(device_id: str) -> None:
         ("acme/#", "must not contain"),
         ("fleet+1", "must not contain"),
         ("acme\x00", "must not contain"),
+        # Broker configuration lines end at whitespace and expand `%u`.
+        ("acme prod", "may hold only letters, digits"),
+        ("fleet%u", "may hold only letters, digits"),
+        ("flotte/é", "may hold only letters, digits"),
     ],
 )
 def test_bad_prefixes(prefix: str, message: str) -> None:
@@ -152,14 +161,16 @@ def test_parse_errors_quote_the_topic() -> None:
 @pytest.mark.parametrize(
     ("kind", "publisher", "retained", "payload"),
     [
-        (TopicKind.AVAILABILITY, "device", True, Availability),
-        (TopicKind.DESIRED, "server", True, DesiredState),
-        (TopicKind.REPORTS, "device", False, UpdateReport),
-        (TopicKind.TELEMETRY, "device", False, TelemetryBatch),
+        (TopicKind.AVAILABILITY, Publisher.DEVICE, True, Availability),
+        (TopicKind.DESIRED, Publisher.SERVER, True, DesiredState),
+        (TopicKind.REPORTS, Publisher.DEVICE, False, UpdateReport),
+        (TopicKind.TELEMETRY, Publisher.DEVICE, False, TelemetryBatch),
     ],
 )
-def test_spec_table(kind: TopicKind, publisher: str, retained: bool, payload: type) -> None:
-    assert SPEC[kind] == TopicSpec(publisher, 1, retained, payload)  # type: ignore[arg-type]
+def test_spec_table(
+    kind: TopicKind, publisher: Publisher, retained: bool, payload: type[Payload]
+) -> None:
+    assert SPEC[kind] == TopicSpec(publisher, 1, retained, payload)
 
 
 def test_spec_covers_every_kind() -> None:
@@ -168,4 +179,25 @@ def test_spec_covers_every_kind() -> None:
 
 def test_topic_spec_qos_must_be_an_mqtt_qos() -> None:
     with pytest.raises(ValueError, match="qos must be 0, 1 or 2"):
-        TopicSpec("device", 3, False, Availability)
+        TopicSpec(Publisher.DEVICE, 3, False, Availability)
+
+
+def test_devices_publish_what_their_acls_allow_and_receive_the_rest() -> None:
+    assert set(DEVICE_PUBLISHED) | set(SERVER_PUBLISHED) == set(TopicKind)
+    assert SERVER_PUBLISHED == (TopicKind.DESIRED,)
+    assert TOPICS.server_subscriptions() == [
+        f"edgefleet/devices/+/{kind}" for kind in DEVICE_PUBLISHED
+    ]
+
+
+def test_the_payload_of_a_device_topic_is_never_a_desired_state() -> None:
+    for kind in DEVICE_PUBLISHED:
+        assert device_payload_type(kind) is SPEC[kind].payload
+    with pytest.raises(ValueError, match="devices do not publish on desired topics"):
+        device_payload_type(TopicKind.DESIRED)
+
+
+def test_shared_subscriptions_check_their_group() -> None:
+    assert shared("fleet", "edgefleet/#") == "$share/fleet/edgefleet/#"
+    with pytest.raises(ValueError, match="share group"):
+        shared("a/b", "edgefleet/#")

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.edge_agent.test_runtime import convert_both, dense_data, dense_model
+from tests.common.test_litert import convert_both, dense_data, dense_model
 from toolchain import bench
 from toolchain.bench import BenchResult, benchmark
 from toolchain.errors import ArtifactError, OptionError

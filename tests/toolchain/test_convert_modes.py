@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter
 
-from edge_agent.runtime import ModelRunner
+from common.litert import ModelRunner
 from protocol.manifest import QuantizationMode, read_manifest
 from protocol.signing import file_sha256, generate_keypair
 from tests.toolchain.cli_helpers import run_cli, run_json

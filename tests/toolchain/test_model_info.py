@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import tensorflow as tf
 
-from edge_agent.runtime import ModelLoadError, ModelRunner
-from tests.edge_agent.test_runtime import (
+from common.litert import ModelLoadError, ModelRunner
+from tests.common.test_litert import (
     Converted,
     conv_model,
     convert_both,

@@ -12,16 +12,16 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from devfleet.databases import create_database, drop_database
 from fleet_server.app import create_app
 from fleet_server.auth import Role
 from fleet_server.db import transaction
-from fleet_server.models import Device
 from fleet_server.services.tokens import create_api_token, create_enrollment_token
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
+from fleet_server.tables import Device
 from protocol.signing import generate_keypair
 from tests.bundles import Bundle, convert
-from tests.fleet_server.harness import create_database, drop_database
 
 POSTGRES_ENV = "EDGEFLEET_TEST_POSTGRES_URL"
 

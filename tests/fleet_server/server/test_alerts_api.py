@@ -23,11 +23,11 @@ from fleet_server.alerts.signing import verify_signature
 from fleet_server.app import build_state, create_app
 from fleet_server.auth import Role
 from fleet_server.db import transaction
-from fleet_server.models import Alert, AlertDelivery, ModelVersion, Rollout, RolloutDevice
 from fleet_server.mqtt.ingest import Received, write_batch
 from fleet_server.rollouts import controller
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
+from fleet_server.tables import Alert, AlertDelivery, ModelVersion, Rollout, RolloutDevice
 from protocol.messages import AccuracyWindow, Availability, TelemetryBatch
 from tests.fleet_server.server.conftest import Server
 from tests.fleet_server.webhook_receiver import Receiver, closed_port_url, receiving

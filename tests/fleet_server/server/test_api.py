@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from fleet_server.auth import Role, secret_hash
 from fleet_server.db import transaction
-from fleet_server.models import AuditEvent, EnrollmentToken, ModelVersion
+from fleet_server.tables import AuditEvent, EnrollmentToken, ModelVersion
 from protocol.manifest import parse_manifest
 from tests.bundles import Bundle
 from tests.fleet_server.server.conftest import Server
@@ -38,7 +38,7 @@ def test_wrong_role_is_403(server: Server, bundle: Bundle) -> None:
 def test_revoked_token_is_401(server: Server) -> None:
     headers = server.token(Role.admin, "soon-gone")
     assert server.client.get("/api/v1/devices", headers=headers).status_code == 200
-    from fleet_server.models import ApiToken
+    from fleet_server.tables import ApiToken
 
     with transaction(server.state.sessions) as session:
         row = session.scalar(select(ApiToken).where(ApiToken.name == "soon-gone"))

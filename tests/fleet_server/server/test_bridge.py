@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from devfleet.in_process import connected_server
 from fleet_server.auth import Role
 from fleet_server.db import transaction
-from fleet_server.models import Device, HealthRow, InferenceRow, UpdateReportRow
 from fleet_server.mqtt.bridge import MqttBridge
+from fleet_server.tables import Device, HealthRow, InferenceRow, UpdateReportRow
 from protocol.manifest import parse_manifest
 from protocol.messages import (
     Availability,
@@ -34,7 +35,6 @@ from protocol.topics import Topics
 from tests.bundles import Bundle
 from tests.fleet_server.conftest import RunningBroker
 from tests.fleet_server.device_client import WAIT, DeviceClient
-from tests.fleet_server.harness import connected_server
 from tests.fleet_server.server.conftest import Server
 
 TOPICS = Topics()

@@ -15,7 +15,8 @@ from fleet_server.auth import Role
 from fleet_server.console import queries
 from fleet_server.console.session import COOKIE
 from fleet_server.db import transaction
-from fleet_server.models import (
+from fleet_server.services.tokens import revoke_api_token
+from fleet_server.tables import (
     AccuracyRow,
     ApiToken,
     Device,
@@ -24,7 +25,6 @@ from fleet_server.models import (
     Rollout,
     utcnow,
 )
-from fleet_server.services.tokens import revoke_api_token
 from tests.fleet_server.server.conftest import Server
 from tests.fleet_server.server.test_rollouts_api import create, installing, report, step
 

@@ -20,13 +20,14 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from devfleet.in_process import connected_server
 from fleet_server import fleet_metrics
 from fleet_server.auth import Role
 from fleet_server.db import transaction
-from fleet_server.models import Alert, AlertDelivery, DesiredState, Rollout, RolloutDevice
 from fleet_server.mqtt.ingest import Received, write_batch
 from fleet_server.rollouts import controller
 from fleet_server.services.field import field_performance
+from fleet_server.tables import Alert, AlertDelivery, DesiredState, Rollout, RolloutDevice
 from protocol.messages import (
     AccuracyWindow,
     InferenceStats,
@@ -39,7 +40,6 @@ from protocol.topics import Topics
 from tests.bundles import Bundle
 from tests.fleet_server.conftest import RunningBroker
 from tests.fleet_server.device_client import WAIT, DeviceClient
-from tests.fleet_server.harness import connected_server
 from tests.fleet_server.server.conftest import Server
 
 DASHBOARD = Path(__file__).resolve().parents[3] / "deploy" / "grafana" / "edgefleet-dashboard.json"

@@ -9,9 +9,9 @@ from typing import cast
 from sqlalchemy import Table, func, insert, select
 
 from fleet_server.db import transaction
-from fleet_server.models import HealthRow, InferenceRow, SeenMessage
 from fleet_server.mqtt.bulk import insert_rows
 from fleet_server.mqtt.ingest import Received, prune, write_batch
+from fleet_server.tables import HealthRow, InferenceRow, SeenMessage
 from protocol.messages import HealthSample, TelemetryBatch
 from tests.fleet_server.server.conftest import Server
 

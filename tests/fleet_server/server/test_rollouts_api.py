@@ -12,14 +12,14 @@ from sqlalchemy import select
 
 from fleet_server.auth import Role
 from fleet_server.db import transaction
-from fleet_server.models import (
+from fleet_server.rollouts import controller
+from fleet_server.tables import (
     AuditEvent,
     DesiredState,
     Rollout,
     RolloutDevice,
     UpdateReportRow,
 )
-from fleet_server.rollouts import controller
 from tests.fleet_server.server.conftest import Server
 
 T0 = dt.datetime(2026, 11, 21, 12, 0, tzinfo=dt.UTC)

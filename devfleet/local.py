@@ -21,10 +21,10 @@ import httpx
 from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
-from fleet_server.broker import BrokerCredentials, write_broker_config
+from devfleet.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
+from devfleet.processes import stop_process
 from fleet_server.cli import cli as fleet_cli
-from fleet_server.mosquitto import Mosquitto, MosquittoError, find_mosquitto, free_port
-from fleet_server.processes import stop_process
+from fleet_server.mqtt.broker_config import BrokerCredentials, write_broker_config
 
 START_TIMEOUT_S = 60.0
 # free_port() cannot reserve the port: another process may take it before the broker binds.

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import click
 
 from fleet_server.auth import Role
-from fleet_server.rollout_cli import rollout
+from fleet_server.cli.rollout import rollout
 from fleet_server.settings import Settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -211,7 +211,7 @@ def enrollment_create(tags: str, uses: int, expires: str | None, **options: Any)
 @fails_cleanly
 def broker_config(out: Path | None, port: int, host: str, force: bool, **options: Any) -> None:
     """Write the Mosquitto configuration (dynamic security) that the server expects."""
-    from fleet_server.broker import CONFIG_FILE, write_broker_config
+    from fleet_server.mqtt.broker_config import CONFIG_FILE, write_broker_config
 
     settings = make_settings(**options)
     folder = out or settings.resolved_broker_dir()
@@ -225,7 +225,3 @@ cli.add_command(rollout)
 
 def main() -> None:
     cli(prog_name="fleet-server")
-
-
-if __name__ == "__main__":
-    main()

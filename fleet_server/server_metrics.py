@@ -1,6 +1,7 @@
-"""Prometheus metrics, in a registry per app so that several apps can live in one process.
+"""The server process's own Prometheus counters (HTTP, MQTT, ingest), in a registry per
+app so that several apps can live in one process.
 
-These are the server process's own counters (HTTP, MQTT, ingest). The fleet's state
+The fleet's state
 (devices, rollouts, gates, field performance) is read from the database when `/metrics`
 is scraped: see `fleet_server.fleet_metrics`.
 """
@@ -11,14 +12,11 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from protocol.topics import SPEC
-
-# What devices publish: the kinds the bridge receives, accepts or refuses.
-DEVICE_KINDS = tuple(kind.value for kind, spec in SPEC.items() if spec.publisher == "device")
+from protocol.topics import DEVICE_PUBLISHED
 
 
 @dataclass
-class Metrics:
+class ServerMetrics:
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
     def __post_init__(self) -> None:
@@ -57,7 +55,7 @@ class Metrics:
         """Export every label set the bridge can count, from the start: a series that
         appears only with its first event hides that first event from rate(), and a
         dashboard querying it shows "no data" rather than 0 until then."""
-        for kind in DEVICE_KINDS:
+        for kind in DEVICE_PUBLISHED:
             self.mqtt_messages.labels(kind, "accepted")
             self.mqtt_invalid.labels(kind, "schema")
             self.mqtt_invalid.labels(kind, "oversized")

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from edge_agent import runtime
-from edge_agent.runtime import (
+from common import litert as runtime
+from common.litert import (
     InputShapeError,
     ModelLoadError,
     ModelRunner,
@@ -238,7 +238,7 @@ def test_importing_the_runtime_leaves_tensorflow_out(dense: Converted, tmp_path:
         import sys
         from pathlib import Path
         import numpy as np
-        import edge_agent.runtime as runtime
+        import common.litert as runtime
         assert "tensorflow" not in sys.modules, "import pulled in tensorflow"
         runner = runtime.ModelRunner(Path({str(model)!r}))
         runner.invoke_once([np.zeros((1, 8), np.float32)])

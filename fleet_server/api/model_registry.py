@@ -12,9 +12,9 @@ from sqlalchemy import select
 from fleet_server.api.deps import Admin, Operator, SessionDep, StateDep, Viewer
 from fleet_server.api.devices import _device_or_404
 from fleet_server.blobs import TooLarge
-from fleet_server.models import ModelVersion, PublisherKey
 from fleet_server.schemas import KeyCreate, KeyRead, ModelDetail, ModelRead
-from fleet_server.services import desired, models
+from fleet_server.services import desired, model_registry
+from fleet_server.tables import ModelVersion, PublisherKey
 from protocol.manifest import MANIFEST_FILE
 
 router = APIRouter(prefix="/api/v1", tags=["models"])
@@ -31,10 +31,10 @@ def key_read(key: PublisherKey) -> KeyRead:
 @router.post("/keys", status_code=status.HTTP_201_CREATED, response_model=KeyRead)
 def add_key(body: KeyCreate, session: SessionDep, caller: Admin) -> KeyRead:
     try:
-        key = models.add_key(session, body.name, body.public_key, caller.name)
-    except models.RejectedUpload as exc:
+        key = model_registry.add_key(session, body.name, body.public_key, caller.name)
+    except model_registry.RejectedUpload as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    except models.Conflict as exc:
+    except model_registry.Conflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     session.flush()
     return key_read(key)
@@ -81,16 +81,16 @@ def upload_model(
     manifest_bytes = manifest.file.read(MAX_MANIFEST_BYTES + 1)
     if len(manifest_bytes) > MAX_MANIFEST_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, "manifest is over 1 MiB")
-    upload = models.Upload(manifest=manifest_bytes, model=model.file)
+    upload = model_registry.Upload(manifest=manifest_bytes, model=model.file)
     try:
-        row = models.register_model(
+        row = model_registry.register_model(
             session, state.blobs, upload, caller.name, state.settings.max_upload_bytes
         )
     except TooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
-    except models.RejectedUpload as exc:
+    except model_registry.RejectedUpload as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
-    except models.Conflict as exc:
+    except model_registry.Conflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
     return model_read(row)
 

@@ -10,8 +10,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleet_server.blobs import BlobStore, TooLarge
-from fleet_server.models import ModelVersion, PublisherKey
 from fleet_server.services import audit
+from fleet_server.tables import ModelVersion, PublisherKey
 from protocol.manifest import ManifestError, parse_manifest
 from protocol.signing import SigningKeyError, TrustedKey, parse_public_key, verify_signature
 

@@ -15,8 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from common.litert import ModelRunner
 from edge_agent.classify import Classifier
-from edge_agent.runtime import ModelRunner
 from protocol.manifest import Manifest, read_manifest
 
 

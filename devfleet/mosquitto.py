@@ -10,8 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from fleet_server.broker import CONFIG_FILE, LOG_FILE
-from fleet_server.processes import stop_process
+from devfleet.processes import stop_process
+from fleet_server.mqtt.broker_config import CONFIG_FILE, LOG_FILE
 
 STDERR_FILE = "mosquitto.stderr"
 # /usr/sbin is often missing from a non-root PATH, and that is where Debian puts it.

@@ -1,0 +1,3 @@
+from fleet_server.cli.main import main
+
+main()
