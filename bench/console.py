@@ -483,6 +483,7 @@ def seed_fleet(session: Any, scale: Scale, now: dt.datetime) -> None:
     """Devices with tags, model versions, update history and two rollouts."""
     from fleet_server.rollouts import service
     from fleet_server.rollouts.spec import RolloutCreate
+    from fleet_server.rollouts.states import RolloutState
     from fleet_server.tables import Device, DeviceTag, ModelVersion, UpdateReportRow
 
     session.execute(insert(ModelVersion), _manifests())
@@ -535,7 +536,7 @@ def seed_fleet(session: Any, scale: Scale, now: dt.datetime) -> None:
         ),
         "bench",
     )
-    service.finish(done, "completed", None)
+    service.finish(done, RolloutState.COMPLETED, None)
     service.create(
         session,
         RolloutCreate.model_validate(

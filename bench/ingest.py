@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.workers import get_from
 from protocol.messages import HealthSample, InferenceStats, TelemetryBatch, encode_payload
+from protocol.mqtt import new_client
 from protocol.topics import Topics
 
 if TYPE_CHECKING:
@@ -245,12 +245,7 @@ def _connect_device(host: str, port: int, device: Device) -> mqtt.Client:
         reasons.append(reason)
         connected.set()
 
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=device.device_id,
-        protocol=mqtt.MQTTv5,
-    )
-    client.username_pw_set(device.device_id, device.secret)
+    client = new_client(device.device_id, device.device_id, device.secret)
     client.max_inflight_messages_set(PUBLISH_INFLIGHT)
     client.on_connect = on_connect
     client.connect(host, port, keepalive=60)
@@ -497,12 +492,9 @@ class _BareSubscriber:
         self._connected = threading.Event()
         self._subscribed = threading.Event()
         self._codes: list[ReasonCode] = []
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv5,
+        self._client = new_client(
+            client_id, broker.credentials.username, broker.credentials.password
         )
-        self._client.username_pw_set(broker.credentials.username, broker.credentials.password)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message

@@ -38,7 +38,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bench.workers import get_from
@@ -54,6 +53,7 @@ from protocol.messages import (
     decode_payload,
     encode_payload,
 )
+from protocol.mqtt import new_client
 from protocol.topics import Topics
 
 SIZES = (10, 100, 1_000)
@@ -184,12 +184,7 @@ class _SimDevice:
         self.deployment_id: str | None = None
         self.active_at: float | None = None
         self.errors: list[str] = []
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=device.device_id,
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.username_pw_set(device.device_id, device.secret)
+        self.client = new_client(device.device_id, device.device_id, device.secret)
         # As the agent does: the broker announces the device offline if it vanishes.
         offline = Availability(MESSAGE_SCHEMA_VERSION, "offline", time.time(), None)
         availability = TOPICS.availability(device.device_id)

@@ -15,7 +15,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import click
@@ -30,6 +30,8 @@ from edge_agent.config import (
     save_credentials,
     save_settings,
 )
+from protocol.enrollment import ENROLL_PATH, EnrollmentAnswer, EnrollmentRequest
+from protocol.schema import decode, encode
 
 STATE_DIR_OPTION = click.option(
     "--state-dir",
@@ -76,33 +78,33 @@ def enroll(
         _fail(f"--server {server_url!r} must be an http(s) URL")
     if load_credentials(state_dir) is not None:
         _fail(f"{state_dir} already holds credentials; use another --state-dir to enrol again")
-    body = {
-        "token": token,
-        "name": name or platform.node() or None,
-        "tags": [t.strip() for t in tags.split(",") if t.strip()],
-        "hardware": {"machine": platform.machine(), "system": platform.platform()},
-    }
-    answer = _post_json(server_url.rstrip("/") + "/api/v1/enroll", body)
+    try:
+        request = EnrollmentRequest(
+            token=token,
+            name=name or platform.node() or None,
+            tags=[t.strip() for t in tags.split(",") if t.strip()],
+            hardware={"machine": platform.machine(), "system": platform.platform()},
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    answer = _enroll(server_url.rstrip("/") + ENROLL_PATH, request)
     state_dir.mkdir(parents=True, exist_ok=True)
     pinned = []
     for key in trusted_keys:
         (state_dir / "keys").mkdir(exist_ok=True)
         shutil.copyfile(key, state_dir / "keys" / key.name)
         pinned.append(f"keys/{key.name}")
-    mqtt = answer.get("mqtt") or {}
-    host = mqtt.get("host") or urlsplit(server_url).hostname
-    port = mqtt.get("port") or 1883
     save_settings(
         state_dir,
         {
-            "server_url": answer.get("api_url") or server_url.rstrip("/"),
-            "mqtt_url": f"mqtt://{host}:{port}",
-            "topic_prefix": mqtt.get("topic_prefix") or "edgefleet",
+            "server_url": answer.api_url,
+            "mqtt_url": answer.mqtt_url(server_url),
+            "topic_prefix": answer.mqtt.topic_prefix,
             **({"trusted_keys": pinned} if pinned else {}),
         },
     )
-    save_credentials(state_dir, Credentials(answer["device_id"], answer["secret"]))
-    click.echo(answer["device_id"])
+    save_credentials(state_dir, Credentials(answer.device_id, answer.secret))
+    click.echo(answer.device_id)
 
 
 @main.command()
@@ -164,14 +166,13 @@ def status(as_json: bool, state_dir: Path) -> None:
         click.echo(f"{key}: {value if value is not None else '-'}")
 
 
-def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
+def _enroll(url: str, body: EnrollmentRequest) -> EnrollmentAnswer:
     request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url, data=json.dumps(encode(body)).encode(), headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # http(s) checked above
-            answer: dict[str, Any] = json.loads(response.read())
-            return answer
+            raw = response.read()
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode("utf-8", "replace")
         with contextlib.suppress(ValueError, AttributeError):  # not the API's JSON error
@@ -179,6 +180,10 @@ def _post_json(url: str, body: dict[str, Any]) -> dict[str, Any]:
         _fail(f"the server refused the enrolment: HTTP {exc.code}: {detail}")
     except (urllib.error.URLError, OSError) as exc:
         _fail(f"cannot reach {url}: {getattr(exc, 'reason', exc)}")
+    try:
+        return decode(EnrollmentAnswer, json.loads(raw))
+    except ValueError as exc:
+        _fail(f"the server's enrolment answer is not one this agent understands: {exc}")
 
 
 def _fail(message: str) -> NoReturn:

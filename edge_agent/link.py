@@ -16,12 +16,12 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.outbox import Outbox
 from protocol.messages import MESSAGE_SCHEMA_VERSION, Availability, encode_payload
+from protocol.mqtt import new_client
 from protocol.topics import SPEC, TopicKind, Topics
 
 log = logging.getLogger("edge_agent.link")
@@ -56,12 +56,8 @@ class Link:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.last_error: str | None = None
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=device_id,  # the broker's ACLs require the id to be the username
-            protocol=mqtt.MQTTv5,
-        )
-        self._client.username_pw_set(device_id, secret)
+        # The broker binds the client id to the login: it must be the device id.
+        self._client = new_client(device_id, device_id, secret)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

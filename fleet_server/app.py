@@ -11,35 +11,66 @@ from starlette.middleware.base import RequestResponseEndpoint
 
 from fleet_server.api import artifacts, devices, model_registry, rollouts, system, tokens
 from fleet_server.api.docs import mount_docs
+from fleet_server.api.errors import answer_service_errors
 from fleet_server.blobs import BlobStore
 from fleet_server.console import mount_console
 from fleet_server.db import make_engine, make_sessions
 from fleet_server.migrate import upgrade
+from fleet_server.mqtt.runtime import build_mqtt
 from fleet_server.rollouts.controller import RolloutController
 from fleet_server.rollouts.watch import LiveGates
 from fleet_server.server_metrics import ServerMetrics
+from fleet_server.services.desired import DesiredPublisher, DesiredStates
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
-from fleet_server.state import DesiredPublisher, FleetState
+from fleet_server.state import FleetState
 from protocol.topics import Topics
 
 log = logging.getLogger("fleet_server")
 
+SECONDS_PER_DAY = 86400
 
-def build_state(settings: Settings, *, migrate: bool = True) -> FleetState:
+
+def build_state(
+    settings: Settings,
+    *,
+    migrate: bool = True,
+    broker: BrokerAccess | None = None,
+    publisher: DesiredPublisher | None = None,
+    mqtt: bool = True,
+) -> FleetState:
+    """Everything the server shares, complete. With `mqtt` and settings.mqtt_url, the MQTT
+    side is built (not connected: the lifespan does that) and is the broker and the
+    publisher; tests may pass their own `broker` and `publisher` instead."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     if migrate:
         upgrade(url)
     engine = make_engine(url)
+    sessions = make_sessions(engine)
+    topics = Topics(settings.topic_prefix)
+    metrics = ServerMetrics()
+    runtime = None
+    if mqtt and publisher is None:
+        runtime = build_mqtt(settings, sessions, topics, metrics)
+    if runtime is not None:
+        broker, publisher = runtime.admin, runtime.bridge
+    desired = DesiredStates(
+        publisher=publisher or DesiredPublisher(),
+        public_url=settings.resolved_public_url(),
+        ttl_s=settings.desired_ttl_days * SECONDS_PER_DAY,
+    )
     return FleetState(
         settings=settings,
         engine=engine,
-        sessions=make_sessions(engine),
+        sessions=sessions,
         blobs=BlobStore(settings.blob_dir()),
-        topics=Topics(settings.topic_prefix),
-        metrics=ServerMetrics(),
+        topics=topics,
+        metrics=metrics,
         live_gates=LiveGates(settings.live_gates_max_age_s),
+        desired=desired,
+        broker=broker,
+        mqtt=runtime,
     )
 
 
@@ -52,27 +83,23 @@ def create_app(
 ) -> FastAPI:
     """The whole server. With settings.mqtt_url and start_bridge, the lifespan connects the
     MQTT bridge and the broker admin client; tests may pass their own instead."""
-    state = build_state(settings)
-    state.broker = broker
-    if publisher is not None:
-        state.publisher = publisher
+    state = build_state(settings, broker=broker, publisher=publisher, mqtt=start_bridge)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        bridge = None
-        if start_bridge and settings.mqtt_url and publisher is None:
-            from fleet_server.mqtt.runtime import start_mqtt
-
-            bridge = start_mqtt(state)
+        if state.mqtt is not None:
+            state.mqtt.start()
         controller = None
         if settings.rollout_interval_s > 0:
-            controller = RolloutController(state, settings.rollout_interval_s)
+            controller = RolloutController(
+                state.sessions, state.desired, settings.rollout_interval_s
+            )
             controller.start()
         alerts = None
         if settings.alert_interval_s > 0 and settings.webhooks:
             from fleet_server.alerts.dispatcher import AlertDispatcher
 
-            alerts = AlertDispatcher(state)
+            alerts = AlertDispatcher(settings, state.sessions)
             alerts.start()
         try:
             yield
@@ -81,8 +108,8 @@ def create_app(
                 alerts.stop()
             if controller is not None:
                 controller.stop()
-            if bridge is not None:
-                bridge.stop()
+            if state.mqtt is not None:
+                state.mqtt.stop()
             state.engine.dispose()
 
     app = FastAPI(
@@ -102,6 +129,7 @@ def create_app(
         tokens.router,
     ):
         app.include_router(router)
+    answer_service_errors(app)
     mount_docs(app)
     mount_console(app)
 

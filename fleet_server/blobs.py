@@ -9,11 +9,9 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+from fleet_server.errors import TooLarge
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class TooLarge(ValueError):
-    """The upload went past the size limit while it was being copied."""
 
 
 class BlobStore:

@@ -24,9 +24,9 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.alerts.config import CONDITION_KINDS
-from fleet_server.rollouts import service
 from fleet_server.rollouts.gates import GateResult, Verdict
 from fleet_server.rollouts.spec import RolloutCreate
+from fleet_server.rollouts.states import ACTIVE_STATES, MemberState, Phase, RolloutState
 from fleet_server.rollouts.watch import LiveGates
 from fleet_server.services.field import VersionField, field_performance
 from fleet_server.state import FleetState
@@ -40,9 +40,9 @@ log = logging.getLogger(__name__)
 FIELD_WINDOW = dt.timedelta(minutes=5)
 
 DEVICE_STATUSES = ("online", "offline", "decommissioned")
-ROLLOUT_STATES = service.ACTIVE_STATES + service.FINAL_STATES
+ROLLOUT_STATES = tuple(RolloutState)
 # A running rollout between waves (or not yet started) has no phase: "waiting".
-PHASES = ("waiting", "shadow", "active")
+PHASES = ("waiting", *Phase)
 GATE_STATUSES = {Verdict.PASS: "pass", Verdict.FAIL: "fail", Verdict.WAIT: "undecided"}
 
 ROLLOUT_LABELS = ["rollout", "model", "version"]
@@ -192,7 +192,7 @@ def _rollouts(session: Session, live_gates: LiveGates) -> list[Metric]:
         by_state.add_metric([state], counts.get(state, 0))
     families = _RolloutFamilies()
     active = session.scalars(
-        select(Rollout).where(Rollout.state.in_(service.ACTIVE_STATES)).order_by(Rollout.id)
+        select(Rollout).where(Rollout.state.in_(ACTIVE_STATES)).order_by(Rollout.id)
     )
     for rollout in active:
         families.add(session, rollout, live_gates)
@@ -265,7 +265,7 @@ class _RolloutFamilies:
 
     def add(self, session: Session, rollout: Rollout, live_gates: LiveGates) -> None:
         labels = [str(rollout.id), rollout.model_name, rollout.model_version]
-        for state in service.ACTIVE_STATES:
+        for state in ACTIVE_STATES:
             self.state.add_metric([*labels, state], float(rollout.state == state))
         self.wave.add_metric(labels, rollout.wave + 1)
         spec = RolloutCreate.model_validate(rollout.spec)
@@ -280,11 +280,11 @@ class _RolloutFamilies:
                 )
             )
         )
-        counts: dict[str, int] = {}
+        counts: dict[MemberState, int] = {}
         for member in members:
             counts[member.state] = counts.get(member.state, 0) + 1
-        for state, count in sorted(counts.items()):
-            self.devices.add_metric([*labels, state], count)
+        for member_state, count in sorted(counts.items()):
+            self.devices.add_metric([*labels, member_state], count)
         if rollout.phase is None:
             return  # no wave under way, so no gates to judge
         try:

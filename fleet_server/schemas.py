@@ -11,29 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_OFFSET = 2**31 - 1
 
 
-class EnrollRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    token: str = Field(min_length=1, max_length=256)
-    name: str | None = Field(default=None, min_length=1, max_length=128)
-    tags: list[str] = Field(default_factory=list, max_length=32)
-    hardware: dict[str, Any] = Field(default_factory=dict)
-
-
-class MqttAccess(BaseModel):
-    host: str | None
-    port: int | None
-    username: str
-    topic_prefix: str
-
-
-class EnrollResponse(BaseModel):
-    device_id: str
-    secret: str
-    mqtt: MqttAccess
-    api_url: str
-
-
 class DeviceRead(BaseModel):
     id: str
     name: str
@@ -58,6 +35,22 @@ class DevicePatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tags: list[str] = Field(max_length=32)
+
+
+class DesiredRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, max_length=128)
+    version: str | None = Field(default=None, max_length=64)
+    mode: Literal["active", "shadow"] = "active"
+    rollback: bool = False
+
+
+class DesiredRead(BaseModel):
+    device_id: str
+    seq: int
+    model: str | None
+    mode: str
 
 
 class KeyCreate(BaseModel):

@@ -19,7 +19,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from fleet_server.db import Base
+from fleet_server.db import Base, StrEnumColumn
+from fleet_server.rollouts.states import EventKind, MemberState, Phase, RolloutState
+from protocol.messages import UpdateState
 
 
 def utcnow() -> dt.datetime:
@@ -152,7 +154,7 @@ class UpdateReportRow(Base):
     ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
     deployment_id: Mapped[str | None] = mapped_column(String(64), index=True)
     desired_seq: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16))
+    state: Mapped[UpdateState] = mapped_column(StrEnumColumn(UpdateState, 16))
     model_name: Mapped[str | None] = mapped_column(String(128))
     model_version: Mapped[str | None] = mapped_column(String(64))
     reason: Mapped[str | None] = mapped_column(Text)
@@ -271,9 +273,9 @@ class Rollout(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     # The request as accepted: target, waves, gates and what a failed gate does.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[RolloutState] = mapped_column(StrEnumColumn(RolloutState, 16), index=True)
     wave: Mapped[int] = mapped_column(Integer, default=0)  # the wave under way, from 0
-    phase: Mapped[str | None] = mapped_column(String(8))  # shadow or active, within a wave
+    phase: Mapped[Phase | None] = mapped_column(StrEnumColumn(Phase, 8))  # within a wave
     phase_started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
     reason: Mapped[str | None] = mapped_column(Text)
     created_by: Mapped[str] = mapped_column(String(128))
@@ -295,9 +297,8 @@ class RolloutDevice(Base):
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
     )
     wave: Mapped[int] = mapped_column(Integer)
-    # Execution state (pending, installing, shadow, active, failed, timed_out, reverted),
-    # kept apart from the rollout's result as hawkBit does.
-    state: Mapped[str] = mapped_column(String(16))
+    # The execution state; the install result it stands for is rollouts.states.RESULT's.
+    state: Mapped[MemberState] = mapped_column(StrEnumColumn(MemberState, 16))
     deployment_id: Mapped[str | None] = mapped_column(String(64), index=True)
     previous_model_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     assigned_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
@@ -316,7 +317,7 @@ class RolloutEvent(Base):
         ForeignKey("rollouts.id", ondelete="CASCADE"), index=True
     )
     ts: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    kind: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[EventKind] = mapped_column(StrEnumColumn(EventKind, 32))
     wave: Mapped[int | None] = mapped_column(Integer)
     message: Mapped[str] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

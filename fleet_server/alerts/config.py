@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from enum import StrEnum
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
-EventKind = Literal[
-    "rollout.paused",
-    "rollout.rolled_back",
-    "rollout.aborted",
-    "device.offline",
-    "model.accuracy_low",
-]
+
+class AlertKind(StrEnum):
+    ROLLOUT_PAUSED = "rollout.paused"
+    ROLLOUT_ROLLED_BACK = "rollout.rolled_back"
+    ROLLOUT_ABORTED = "rollout.aborted"
+    DEVICE_OFFLINE = "device.offline"
+    MODEL_ACCURACY_LOW = "model.accuracy_low"
+
+
 # Kinds that are conditions: open while they hold, resolved when they clear. The others
 # are events that simply happened.
-CONDITION_KINDS: frozenset[EventKind] = frozenset({"device.offline", "model.accuracy_low"})
+CONDITION_KINDS = frozenset({AlertKind.DEVICE_OFFLINE, AlertKind.MODEL_ACCURACY_LOW})
 
 
 class WebhookConfig(BaseModel):
@@ -28,7 +30,7 @@ class WebhookConfig(BaseModel):
     url: str = Field(repr=False)
     secret: SecretStr | None = None
     # Which events go to this webhook; None is every one.
-    events: frozenset[EventKind] | None = None
+    events: frozenset[AlertKind] | None = None
     # What logs and the alert_deliveries table call the webhook: never the URL, for the
     # reason above. By default the host and a digest of the whole URL.
     name: str | None = Field(default=None, min_length=1, max_length=64)
@@ -52,7 +54,7 @@ class WebhookConfig(BaseModel):
 
     @field_validator("events")
     @classmethod
-    def _some_events(cls, value: frozenset[EventKind] | None) -> frozenset[EventKind] | None:
+    def _some_events(cls, value: frozenset[AlertKind] | None) -> frozenset[AlertKind] | None:
         if value is not None and not value:
             raise ValueError("events must name at least one event, or be left out for all")
         return value

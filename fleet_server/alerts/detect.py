@@ -12,16 +12,17 @@ from typing import Any, TypeVar
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from fleet_server.alerts.config import EventKind
+from fleet_server.alerts.config import AlertKind
+from fleet_server.rollouts.states import EventKind
 from fleet_server.tables import AccuracyRow, Alert, Device, Rollout, RolloutEvent, aware
 
 # Rollout event kinds (fleet_server.rollouts) that become alerts. `gates_failed` is not one:
 # the controller always records a `paused` or `rolled_back` right after it, and that alert
 # carries the failed gates, so one decision makes one alert.
-ROLLOUT_KINDS: dict[str, EventKind] = {
-    "paused": "rollout.paused",
-    "rolled_back": "rollout.rolled_back",
-    "aborted": "rollout.aborted",
+ROLLOUT_KINDS: dict[EventKind, AlertKind] = {
+    EventKind.PAUSED: AlertKind.ROLLOUT_PAUSED,
+    EventKind.ROLLED_BACK: AlertKind.ROLLOUT_ROLLED_BACK,
+    EventKind.ABORTED: AlertKind.ROLLOUT_ABORTED,
 }
 # How far back rollout events are looked at: enough to cover any outage of the alerting,
 # and it spares a server upgraded onto a long history an alert for every old pause.
@@ -36,7 +37,7 @@ T = TypeVar("T")
 class Found:
     """An alert to raise. `key` makes it unique; for conditions it is set when raised."""
 
-    kind: EventKind
+    kind: AlertKind
     subject: str
     summary: str
     data: dict[str, Any]
@@ -49,7 +50,7 @@ class Condition:
     it has cleared (open alerts to resolve, which re-arms them). A subject in neither is
     left as it is, e.g. accuracy without enough labels either way."""
 
-    kind: EventKind
+    kind: AlertKind
     holding: dict[str, Found] = field(default_factory=dict)
     cleared: set[str] = field(default_factory=set)
 
@@ -144,7 +145,7 @@ def offline_devices(
     (back online, or decommissioned), not when `last_seen_at` moves: the bridge sees the
     retained `offline` again whenever it reconnects, which moves `last_seen_at` but starts
     no new episode."""
-    condition = Condition("device.offline")
+    condition = Condition(AlertKind.DEVICE_OFFLINE)
     cutoff = now - dt.timedelta(seconds=after_s)
     devices = session.scalars(
         select(Device)
@@ -205,7 +206,7 @@ def low_accuracy(
     """Per model version, correct / labelled over every device's accuracy windows since
     `now - window_s`. Below the threshold on at least `min_labelled` labels holds; at or
     above it on as many clears; fewer labels say nothing either way."""
-    condition = Condition("model.accuracy_low")
+    condition = Condition(AlertKind.MODEL_ACCURACY_LOW)
     since = now - dt.timedelta(seconds=window_s)
     rows = session.execute(
         select(

@@ -9,24 +9,22 @@ import datetime as dt
 import logging
 import threading
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from fleet_server.alerts import detect, store
-from fleet_server.alerts.config import WebhookConfig
+from fleet_server.alerts.config import AlertKind, WebhookConfig
 from fleet_server.alerts.deliver import Clock, deliver_due
 from fleet_server.db import transaction
 from fleet_server.settings import Settings
-from fleet_server.state import FleetState
 from fleet_server.tables import utcnow
 
 log = logging.getLogger(__name__)
 
 
-def raise_alerts(state: FleetState, now: dt.datetime) -> int:
+def raise_alerts(settings: Settings, sessions: sessionmaker[Session], now: dt.datetime) -> int:
     """Look for every kind of alert once; the number newly raised. Each kind in its own
     transaction, and one failing (a query error, a deadlock between replicas) is logged
     and does not hold the others back: the next round tries it again."""
-    settings = state.settings
     webhooks = settings.webhooks
 
     def rollouts(session: Session) -> int:
@@ -35,14 +33,14 @@ def raise_alerts(state: FleetState, now: dt.datetime) -> int:
     def offline(session: Session) -> int:
         if settings.alert_offline_after_s is None:
             return 0
-        opened = store.open_subjects(session, "device.offline")
+        opened = store.open_subjects(session, AlertKind.DEVICE_OFFLINE)
         condition = detect.offline_devices(session, now, settings.alert_offline_after_s, opened)
         return store.apply_condition(session, condition, opened, now, webhooks)
 
     def accuracy(session: Session) -> int:
         if settings.alert_min_accuracy is None:
             return 0
-        opened = store.open_subjects(session, "model.accuracy_low")
+        opened = store.open_subjects(session, AlertKind.MODEL_ACCURACY_LOW)
         condition = detect.low_accuracy(
             session,
             now,
@@ -55,7 +53,7 @@ def raise_alerts(state: FleetState, now: dt.datetime) -> int:
     raised = 0
     for look in (rollouts, offline, accuracy):
         try:
-            with transaction(state.sessions) as session:
+            with transaction(sessions) as session:
                 raised += look(session)
         except Exception:
             log.exception("looking for %s alerts failed", look.__name__)
@@ -103,9 +101,11 @@ class AlertDispatcher:
     lifespan does); tests may instead call `raise_alerts` and `deliver` by hand, or start
     only the workers (`start(loop=False)`) and drive `tick` themselves."""
 
-    def __init__(self, state: FleetState, *, clock: Clock = utcnow) -> None:
-        self.state = state
-        self.settings: Settings = state.settings
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], *, clock: Clock = utcnow
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
         self.clock = clock
         self.stopping = threading.Event()
         self._workers = {w.label: _Worker(self, w) for w in self.settings.webhooks}
@@ -148,12 +148,12 @@ class AlertDispatcher:
                 worker.wake.set()
 
     def raise_alerts(self, now: dt.datetime | None = None) -> int:
-        return raise_alerts(self.state, now or self.clock())
+        return raise_alerts(self.settings, self.sessions, now or self.clock())
 
     def deliver(self, webhook: WebhookConfig) -> int:
         """Post this webhook's due deliveries now, on the calling thread."""
         return deliver_due(
-            self.state.sessions, webhook, self.settings, self.clock, stopping=self.stopping
+            self.sessions, webhook, self.settings, self.clock, stopping=self.stopping
         )
 
     def deliver_all(self) -> int:

@@ -14,7 +14,7 @@ from sqlalchemy import Table, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from fleet_server.alerts.config import EventKind, WebhookConfig
+from fleet_server.alerts.config import AlertKind, WebhookConfig
 from fleet_server.alerts.detect import Condition, Found, chunks
 from fleet_server.tables import Alert, AlertDelivery
 
@@ -59,7 +59,7 @@ def raise_events(
     return sum(raise_once(session, found, now, webhooks) for found in events)
 
 
-def open_subjects(session: Session, kind: EventKind) -> set[str]:
+def open_subjects(session: Session, kind: AlertKind) -> set[str]:
     return set(
         session.scalars(
             select(Alert.subject).where(Alert.kind == kind, Alert.resolved_at.is_(None))

@@ -1,24 +1,24 @@
-"""Enrolment and the device registry."""
+"""Enrolment, the device registry, and pointing one device at a model."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Query, Response, status
 
 from fleet_server.api.deps import Operator, SessionDep, StateDep, Viewer
+from fleet_server.errors import Rejected, Unavailable
 from fleet_server.schemas import (
     MAX_OFFSET,
+    DesiredRead,
+    DesiredRequest,
     DevicePage,
     DevicePatch,
     DeviceRead,
-    EnrollRequest,
-    EnrollResponse,
-    MqttAccess,
 )
-from fleet_server.services import devices
-from fleet_server.services.tokens import EnrollmentRefused
+from fleet_server.services import devices, model_registry
 from fleet_server.tables import Device
+from protocol.enrollment import ENROLL_PATH, EnrollmentAnswer, EnrollmentRequest, MqttAccess
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
@@ -38,27 +38,24 @@ def device_read(device: Device) -> DeviceRead:
     )
 
 
-@router.post("/enroll", status_code=status.HTTP_201_CREATED, response_model=EnrollResponse)
-def enroll(body: EnrollRequest, session: SessionDep, state: StateDep) -> EnrollResponse:
-    try:
-        enrolled = devices.enroll(
-            session, token=body.token, name=body.name, tags=body.tags, hardware=body.hardware
-        )
-    except EnrollmentRefused as exc:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
-    except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+@router.post(
+    ENROLL_PATH.removeprefix(router.prefix),
+    status_code=status.HTTP_201_CREATED,
+    response_model=EnrollmentAnswer,
+)
+def enroll(body: EnrollmentRequest, session: SessionDep, state: StateDep) -> EnrollmentAnswer:
+    enrolled = devices.enroll(
+        session, token=body.token, name=body.name, tags=body.tags, hardware=body.hardware
+    )
     session.flush()
     if state.broker is not None:
         try:
             state.broker.add_device(enrolled.device.id, enrolled.secret, state.topics.prefix)
         except Exception as exc:
             # The transaction rolls back: no device exists that the broker does not know.
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, f"broker refused the device: {exc}"
-            ) from None
+            raise Unavailable(f"broker refused the device: {exc}") from None
     address = state.settings.mqtt_address()
-    return EnrollResponse(
+    return EnrollmentAnswer(
         device_id=enrolled.device.id,
         secret=enrolled.secret,
         mqtt=MqttAccess(
@@ -87,27 +84,17 @@ def list_devices(
     return DevicePage(items=[device_read(d) for d in rows], total=total, limit=limit, offset=offset)
 
 
-def _device_or_404(session: SessionDep, device_id: str) -> Device:
-    device = devices.get_device(session, device_id)
-    if device is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no device {device_id!r}")
-    return device
-
-
 @router.get("/devices/{device_id}", response_model=DeviceRead)
 def get_device(device_id: str, session: SessionDep, _: Viewer) -> DeviceRead:
-    return device_read(_device_or_404(session, device_id))
+    return device_read(devices.require_device(session, device_id))
 
 
 @router.patch("/devices/{device_id}", response_model=DeviceRead)
 def patch_device(
     device_id: str, body: DevicePatch, session: SessionDep, caller: Operator
 ) -> DeviceRead:
-    device = _device_or_404(session, device_id)
-    try:
-        devices.set_tags(session, device, body.tags, caller.name)
-    except ValueError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    device = devices.require_device(session, device_id)
+    devices.set_tags(session, device, body.tags, caller.name)
     return device_read(device)
 
 
@@ -115,14 +102,30 @@ def patch_device(
 def decommission(
     device_id: str, session: SessionDep, state: StateDep, caller: Operator
 ) -> Response:
-    device = _device_or_404(session, device_id)
+    device = devices.require_device(session, device_id)
     devices.decommission(session, device, caller.name)
     if state.broker is not None:
         try:
             state.broker.remove_device(device.id)
         except Exception as exc:
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE, f"broker could not revoke the device: {exc}"
-            ) from None
+            raise Unavailable(f"broker could not revoke the device: {exc}") from None
     state.publisher.forget_device(device.id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.put("/devices/{device_id}/desired", response_model=DesiredRead)
+def set_desired(
+    device_id: str, body: DesiredRequest, session: SessionDep, state: StateDep, caller: Operator
+) -> DesiredRead:
+    """Point one device at a model version (or at none); rollouts do this for many."""
+    device = devices.require_device(session, device_id)
+    if (body.name is None) != (body.version is None):
+        raise Rejected("give both name and version")
+    model = None
+    if body.name is not None and body.version is not None:
+        model = model_registry.get_model(session, body.name, body.version)
+    sent = state.desired.assign(
+        session, device, model, mode=body.mode, rollback=body.rollback, actor=caller.name
+    )
+    target = f"{model.name}/{model.version}" if model else None
+    return DesiredRead(device_id=device.id, seq=sent.seq, model=target, mode=sent.mode)

@@ -124,7 +124,7 @@ def token_create(role: str, name: str | None, **options: Any) -> None:
     from fleet_server.db import transaction
     from fleet_server.services.tokens import create_api_token
 
-    state = build_state(make_settings(**options))
+    state = build_state(make_settings(**options), mqtt=False)
     with transaction(state.sessions) as session:
         secret = create_api_token(session, Role[role], name or role, actor="cli")
     click.echo(secret)
@@ -138,7 +138,7 @@ def token_list(**options: Any) -> None:
     from fleet_server.app import build_state
     from fleet_server.services.tokens import list_api_tokens
 
-    state = build_state(make_settings(**options))
+    state = build_state(make_settings(**options), mqtt=False)
     with state.sessions() as session:
         for row in list_api_tokens(session):
             revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
@@ -159,7 +159,7 @@ def token_revoke(token_id: int, **options: Any) -> None:
     from fleet_server.db import transaction
     from fleet_server.services.tokens import revoke_api_token
 
-    state = build_state(make_settings(**options))
+    state = build_state(make_settings(**options), mqtt=False)
     try:
         with transaction(state.sessions) as session:
             row = revoke_api_token(session, token_id, actor="cli")
@@ -189,7 +189,7 @@ def enrollment_create(tags: str, uses: int, expires: str | None, **options: Any)
 
     tag_list = check_tags([t.strip() for t in tags.split(",") if t.strip()])
     lifetime = parse_duration(expires) if expires else None
-    state = build_state(make_settings(**options))
+    state = build_state(make_settings(**options), mqtt=False)
     with transaction(state.sessions) as session:
         secret = create_enrollment_token(
             session, tags=tag_list, uses=uses, expires_in=lifetime, actor="cli"

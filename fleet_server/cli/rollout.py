@@ -17,8 +17,15 @@ from typing import Any
 import click
 import httpx
 
-FINAL = ("completed", "rolled_back", "aborted")
-EXIT_CODES = {"completed": 0, "rolled_back": 3, "aborted": 4, "paused": 4}
+from fleet_server.rollouts.states import RolloutState
+
+# How a followed rollout ended, as a pipeline reads it: it ends here, or waits for a person.
+EXIT_CODES = {
+    RolloutState.COMPLETED: 0,
+    RolloutState.ROLLED_BACK: 3,
+    RolloutState.ABORTED: 4,
+    RolloutState.PAUSED: 4,
+}
 
 
 class Client:
@@ -219,7 +226,8 @@ def _follow(client: Client, rollout_id: int) -> None:
         for event in detail["events"][seen:]:
             click.echo(f"{event['ts'][:19]}  {event['kind']:<14} {event['message']}")
         seen = len(detail["events"])
-        if detail["state"] in FINAL or detail["state"] == "paused":
-            click.echo(f"rollout {rollout_id}: {detail['state']}")
-            sys.exit(EXIT_CODES[detail["state"]])
+        state = RolloutState(detail["state"])
+        if state in EXIT_CODES:
+            click.echo(f"rollout {rollout_id}: {state}")
+            sys.exit(EXIT_CODES[state])
         time.sleep(1.0)

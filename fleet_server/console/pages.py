@@ -13,7 +13,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from fleet_server.api.deps import SessionDep, StateDep
-from fleet_server.api.rollouts import GateRead, rollout_detail, rollout_read
+from fleet_server.api.errors import status_of
 from fleet_server.console import charts, queries
 from fleet_server.console.session import (
     COOKIE,
@@ -25,8 +25,11 @@ from fleet_server.console.session import (
     require_operator,
     safe_next,
 )
+from fleet_server.errors import ServiceError
 from fleet_server.rollouts import controller, service
 from fleet_server.rollouts.gates import AT_LEAST
+from fleet_server.rollouts.read_model import GateRead, list_rollouts, rollout_detail, rollout_read
+from fleet_server.rollouts.states import Action
 from fleet_server.services import devices as device_service
 from fleet_server.services.field import field_performance
 from fleet_server.services.tokens import authenticate
@@ -216,7 +219,7 @@ def models_page(request: Request, session: SessionDep, viewer: SignedIn) -> Resp
 
 @router.get("/rollouts")
 def rollouts_page(request: Request, session: SessionDep, viewer: SignedIn) -> Response:
-    rows = [rollout_read(session, r) for r in service.list_rollouts(session, None)]
+    rows = [rollout_read(session, r) for r in list_rollouts(session)]
     return render(
         request, "rollouts.html", {"viewer": viewer, "rollouts": rows, "page": "rollouts"}
     )
@@ -227,8 +230,8 @@ def _rollout_context(
 ) -> dict[str, Any]:
     try:
         detail = rollout_detail(session, rollout_id, state.live_gates)
-    except service.NotFound as exc:
-        raise ConsoleError(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except ServiceError as exc:
+        raise ConsoleError(status_of(exc), str(exc)) from None
     # Between waves and after the end there is nothing to judge now: the page shows the
     # gates as they stood at the last decision, which says why the rollout went where it did.
     decided = next((e for e in reversed(detail.events) if e.details.get("gates")), None)
@@ -240,7 +243,7 @@ def _rollout_context(
         "rollout": detail,
         "gates": gates,
         "decided": None if detail.gates else decided,
-        "final": detail.state in service.FINAL_STATES,
+        "final": detail.state.is_final,
         "at_least": AT_LEAST,
         "page": "rollouts",
     }
@@ -268,15 +271,13 @@ def rollout_action(
     session: SessionDep,
     state: StateDep,
     viewer: SignedIn,
-    action: Annotated[Literal["pause", "resume", "abort", "rollback"], Form()],
+    action: Annotated[Action, Form()],
     csrf: Annotated[str, Form()],
 ) -> Response:
     require_operator(viewer, csrf)
     try:
         rollout = service.get(session, rollout_id, lock=True)
-        controller.act(session, state, rollout, action, viewer.name)
-    except service.NotFound as exc:
-        raise ConsoleError(status.HTTP_404_NOT_FOUND, str(exc)) from None
-    except service.Conflict as exc:
-        raise ConsoleError(status.HTTP_409_CONFLICT, str(exc)) from None
+        controller.act(session, state.desired, rollout, action, viewer.name)
+    except ServiceError as exc:
+        raise ConsoleError(status_of(exc), str(exc)) from None
     return RedirectResponse(f"/rollouts/{rollout_id}", status.HTTP_303_SEE_OTHER)

@@ -16,7 +16,7 @@ from sqlalchemy import ColumnElement, Integer, cast, extract, func, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from fleet_server.console.charts import Series
-from fleet_server.rollouts import service as rollouts
+from fleet_server.rollouts.states import ACTIVE_STATES
 from fleet_server.tables import (
     AccuracyRow,
     Device,
@@ -217,9 +217,7 @@ def overview(session: Session, now: dt.datetime) -> Overview:
     )
     active = list(
         session.scalars(
-            select(Rollout)
-            .where(Rollout.state.in_(rollouts.ACTIVE_STATES))
-            .order_by(Rollout.id.desc())
+            select(Rollout).where(Rollout.state.in_(ACTIVE_STATES)).order_by(Rollout.id.desc())
         )
     )
     return Overview(by_status, by_version, failing_health(session, now), active)

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
+from fleet_server.mqtt.broker_config import BrokerCredentials
 from fleet_server.mqtt.ingest import prune
 from fleet_server.mqtt.ingest_process import (
     IngestProcess,
@@ -30,10 +31,13 @@ from fleet_server.mqtt.ingest_process import (
     Outcome,
     RawMessage,
 )
-from fleet_server.state import DesiredPublisher, FleetState
+from fleet_server.server_metrics import ServerMetrics
+from fleet_server.services.desired import DesiredPublisher
+from fleet_server.settings import Settings
 from fleet_server.tables import DesiredState, utcnow
 from protocol.messages import MAX_PAYLOAD_BYTES
-from protocol.topics import SHARE_GROUP, SPEC, TopicKind
+from protocol.mqtt import new_client
+from protocol.topics import SHARE_GROUP, SPEC, TopicKind, Topics
 
 log = logging.getLogger("fleet_server.mqtt")
 
@@ -60,17 +64,22 @@ def _session_properties() -> Properties:
 class MqttBridge(DesiredPublisher):
     def __init__(
         self,
-        state: FleetState,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        topics: Topics,
+        metrics: ServerMetrics,
         host: str,
         port: int,
-        username: str,
-        password: str,
+        credentials: BrokerCredentials,
         client_id: str | None = None,
     ) -> None:
-        self.state = state
+        self.settings = settings
+        self.sessions = sessions
+        self.topics = topics
+        self.metrics = metrics
         self.host, self.port = host, port
         self._queue: queue.Queue[_Pending] = queue.Queue(maxsize=QUEUE_MAX)
-        self._ingest = IngestProcess(state.settings.resolved_database_url())
+        self._ingest = IngestProcess(settings.resolved_database_url())
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._logged: set[tuple[str, str]] = set()
@@ -78,23 +87,24 @@ class MqttBridge(DesiredPublisher):
         # A stable id and a persistent session: what arrives while the server is down is
         # queued by the broker and delivered when it is back. Acks go out only once a
         # message is in the database (manual_ack), so a crash loses nothing either.
-        self._client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"fleet-server-{socket.gethostname()}-{state.settings.port}",
-            protocol=mqtt.MQTTv5,
+        self._client = new_client(
+            client_id or f"fleet-server-{socket.gethostname()}-{settings.port}",
+            credentials.username,
+            credentials.password,
             manual_ack=True,
         )
-        self._client.username_pw_set(username, password)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
-        self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
+        self._writer: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stop.clear()
         self._ingest.start()
+        self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)
         self._writer.start()
         self._client.connect_async(
             self.host,
@@ -109,7 +119,8 @@ class MqttBridge(DesiredPublisher):
         self._client.disconnect()
         self._client.loop_stop()
         self._stop.set()
-        self._writer.join(timeout)
+        if self._writer is not None:
+            self._writer.join(timeout)
         self._ingest.stop(timeout)
 
     def wait_connected(self, timeout: float) -> bool:
@@ -138,22 +149,22 @@ class MqttBridge(DesiredPublisher):
     def publish_desired(self, device_id: str, payload: bytes) -> None:
         spec = SPEC[TopicKind.DESIRED]
         self._client.publish(
-            self.state.topics.desired(device_id), payload, qos=spec.qos, retain=spec.retained
+            self.topics.desired(device_id), payload, qos=spec.qos, retain=spec.retained
         )
 
     def forget_device(self, device_id: str) -> None:
         """Clear the decommissioned device's retained messages. A kick sends no last will,
         so without this its availability would read "online" for ever."""
         for topic in (
-            self.state.topics.desired(device_id),
-            self.state.topics.availability(device_id),
+            self.topics.desired(device_id),
+            self.topics.availability(device_id),
         ):
             # An empty retained payload removes the retained message from the broker.
             self._client.publish(topic, b"", qos=1, retain=True)
 
     def _republish_desired(self) -> None:
         """After a (re)connect: the database is the truth, even if the broker lost state."""
-        with self.state.sessions() as session:
+        with self.sessions() as session:
             rows = session.execute(select(DesiredState.device_id, DesiredState.payload_json))
             for device_id, payload in rows:
                 self.publish_desired(device_id, payload.encode("utf-8"))
@@ -166,8 +177,8 @@ class MqttBridge(DesiredPublisher):
         if reason.is_failure:
             log.error("MQTT connection refused: %s", reason)
             return
-        group = SHARE_GROUP if self.state.settings.mqtt_shared else None
-        client.subscribe([(t, 1) for t in self.state.topics.server_subscriptions(group)])
+        group = SHARE_GROUP if self.settings.mqtt_shared else None
+        client.subscribe([(t, 1) for t in self.topics.server_subscriptions(group)])
         self.connected_at = time.monotonic()
         self._connected.set()
         threading.Thread(target=self._republish_desired, daemon=True).start()
@@ -189,13 +200,13 @@ class MqttBridge(DesiredPublisher):
             self._queue.put_nowait(_Pending(raw, msg.mid, msg.qos))
         except queue.Full:
             # Not acked: the broker keeps it and redelivers once we catch up.
-            self.state.metrics.mqtt_messages.labels("all", "queue_full").inc()
+            self.metrics.mqtt_messages.labels("all", "queue_full").inc()
 
     def _check(self, msg: mqtt.MQTTMessage) -> RawMessage | None:
         """What can be refused without parsing; the payload is checked by the ingest process."""
-        metrics = self.state.metrics
+        metrics = self.metrics
         try:
-            device_id, kind = self.state.topics.parse(msg.topic)
+            device_id, kind = self.topics.parse(msg.topic)
         except ValueError as exc:
             metrics.mqtt_invalid.labels("unknown", "topic").inc()
             self._log_once("?", "topic", f"ignored a message on {msg.topic!r}: {exc}")
@@ -241,7 +252,7 @@ class MqttBridge(DesiredPublisher):
         inflight: deque[list[_Pending]] = deque()
         while not (self._stop.is_set() and self._queue.empty() and not inflight):
             batch = self._next_batch(wait=not inflight)
-            self.state.metrics.ingest_queue.set(self._queue.qsize())
+            self.metrics.ingest_queue.set(self._queue.qsize())
             if batch:
                 self._ingest.submit([p.raw for p in batch])
                 inflight.append(batch)
@@ -279,7 +290,7 @@ class MqttBridge(DesiredPublisher):
             self._queue.task_done()
 
     def _account(self, outcome: Outcome, size: int) -> None:
-        metrics = self.state.metrics
+        metrics = self.metrics
         for kind, count in outcome.accepted.items():
             metrics.mqtt_messages.labels(kind.value, "accepted").inc(count)
         for refused in outcome.refused:
@@ -293,10 +304,10 @@ class MqttBridge(DesiredPublisher):
             metrics.mqtt_messages.labels("all", "write_failed").inc(outcome.write_failed)
 
     def _prune(self) -> None:
-        days = self.state.settings.telemetry_retention_days
+        days = self.settings.telemetry_retention_days
         cutoff = utcnow() - dt.timedelta(days=days)
         try:
-            with self.state.sessions() as session, session.begin():
+            with self.sessions() as session, session.begin():
                 removed = prune(session, cutoff)
             if removed:
                 log.info("pruned %d telemetry rows older than %g days", removed, days)

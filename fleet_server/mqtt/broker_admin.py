@@ -79,21 +79,22 @@ class BrokerAdmin:
     """Provisions and revokes devices through the dynamic-security plugin.
 
     Commands carry a fresh correlationData each and responses are matched on it, so any
-    number of threads may issue commands at once. Build one with `BrokerAdmin.connect`,
-    which also re-subscribes after paho reconnects. The constructor takes over an already
-    connected client whose network loop runs; whoever owns that client must then call
-    `subscribe_responses()` after every reconnect.
+    number of threads may issue commands at once. `open()` logs in (or
+    `BrokerAdmin.connect(...)` builds and opens in one go); after a lost connection paho
+    reconnects and the response subscription is renewed.
     """
 
     def __init__(
         self,
-        client: mqtt.Client,
+        host: str,
+        port: int,
+        credentials: BrokerCredentials,
         *,
-        username: str | None = None,
+        client_id: str | None = None,
         timeout: float = _COMMAND_TIMEOUT,
     ) -> None:
-        self._client = client
-        self._username = username
+        self.host, self.port = host, port
+        self._username = credentials.username
         self._timeout = timeout
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
@@ -101,8 +102,14 @@ class BrokerAdmin:
         # connection's packets in order, so a command sent after SUBSCRIBE was queued gets
         # its answer delivered, with no need to wait for the SUBACK.
         self._ready = threading.Event()
-        client.message_callback_add(RESPONSE_TOPIC, self._on_response)
-        self.subscribe_responses()
+        self._client = new_client(
+            # Random by default: two server processes sharing a client id would keep
+            # taking the session from each other.
+            client_id or f"{credentials.username}-admin-{secrets.token_hex(4)}",
+            credentials.username,
+            credentials.password,
+        )
+        self._client.message_callback_add(RESPONSE_TOPIC, self._on_response)
 
     @classmethod
     def connect(
@@ -114,27 +121,25 @@ class BrokerAdmin:
         client_id: str | None = None,
         timeout: float = _COMMAND_TIMEOUT,
     ) -> BrokerAdmin:
+        """A BrokerAdmin, opened."""
+        admin = cls(host, port, credentials, client_id=client_id, timeout=timeout)
+        admin.open()
+        return admin
+
+    def open(self) -> None:
         """Log in as the server user and check that the plugin answers."""
-        client = new_client(
-            # Random by default: two server processes sharing a client id would keep
-            # taking the session from each other.
-            client_id or f"{credentials.username}-admin-{secrets.token_hex(4)}",
-            credentials.username,
-            credentials.password,
-        )
-        _connect_and_wait(client, host, port, timeout)
-        admin = cls(client, username=credentials.username, timeout=timeout)
-        client.on_connect = admin._on_reconnect
-        client.on_disconnect = admin._on_disconnect
+        _connect_and_wait(self._client, self.host, self.port, self._timeout)
+        self.subscribe_responses()
+        self._client.on_connect = self._on_reconnect
+        self._client.on_disconnect = self._on_disconnect
         try:
-            admin._run([{"command": "getDefaultACLAccess"}])
+            self._run([{"command": "getDefaultACLAccess"}])
         except BrokerAdminError as error:
-            admin.close()
+            self.close()
             raise BrokerAdminError(
-                f"{error}; is {credentials.username!r} allowed to publish to {CONTROL_TOPIC} "
+                f"{error}; is {self._username!r} allowed to publish to {CONTROL_TOPIC} "
                 f"and subscribe to {RESPONSE_TOPIC}?"
             ) from error
-        return admin
 
     def close(self) -> None:
         self._ready.clear()

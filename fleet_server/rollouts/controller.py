@@ -23,16 +23,26 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Sequence
+from typing import Literal
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from fleet_server.rollouts import evidence, service
-from fleet_server.rollouts.gates import GateResult, Phase, Verdict, evaluate, overall
-from fleet_server.rollouts.service import Action, Conflict, finish, record
+from fleet_server.errors import Conflict
+from fleet_server.rollouts import service
+from fleet_server.rollouts.gates import GateResult, Verdict, overall
+from fleet_server.rollouts.judge import judge
+from fleet_server.rollouts.service import finish, record
 from fleet_server.rollouts.spec import RolloutCreate
-from fleet_server.services import desired
-from fleet_server.state import FleetState
+from fleet_server.rollouts.states import (
+    REPORTED,
+    Action,
+    EventKind,
+    MemberState,
+    Phase,
+    RolloutState,
+)
+from fleet_server.services.desired import DesiredStates
 from fleet_server.tables import (
     Device,
     ModelVersion,
@@ -46,26 +56,27 @@ log = logging.getLogger(__name__)
 
 # Gates whose failure is final whatever more evidence comes: acted on before the bake ends.
 FINAL_GATES = ("install_failure_ratio", "nan_outputs")
-# Update states that end a device's handling of a desired state.
-SUCCEEDED = {"active", "shadow"}
-FAILED = {"failed", "rejected", "rolled_back"}
+# A member whose install already failed keeps the model it has when its wave (re)starts:
+# the install gate counted it.
+_GAVE_UP = (MemberState.FAILED, MemberState.TIMED_OUT)
 
 
-def deployment_id(rollout: Rollout, phase: str) -> str:
+def deployment_id(rollout: Rollout, phase: Phase) -> str:
     return f"rollout-{rollout.id}-wave-{rollout.wave}-{phase}"
 
 
 # --- one step -------------------------------------------------------------------------------
 
 
-def step(session: Session, state: FleetState, rollout: Rollout, now: dt.datetime) -> None:
-    if rollout.state != "running":
+def step(session: Session, desired: DesiredStates, rollout: Rollout, now: dt.datetime) -> None:
+    if rollout.state != RolloutState.RUNNING:
         return
     spec = RolloutCreate.model_validate(rollout.spec)
     wave_spec = spec.waves[rollout.wave]
-    _admit_newcomers(session, state, rollout, now)
+    _admit_newcomers(session, desired, rollout, now)
     if rollout.phase is None:
-        _start_phase(session, state, rollout, "shadow" if wave_spec.shadow_first else "active", now)
+        first = Phase.SHADOW if wave_spec.shadow_first else Phase.ACTIVE
+        _start_phase(session, desired, rollout, first, now)
         return
     members = _members(session, rollout)
     _refresh(session, rollout, members, spec.device_timeout_s, now)
@@ -75,25 +86,16 @@ def step(session: Session, state: FleetState, rollout: Rollout, now: dt.datetime
     baked = now - started >= dt.timedelta(seconds=wave_spec.bake_s)
     failed = [r for r in results if r.verdict is Verdict.FAIL]
     if failed and (baked or any(r.gate in FINAL_GATES for r in failed)):
-        _fail(session, state, rollout, spec.on_failure, failed, results, now)
+        _fail(session, desired, rollout, spec.on_failure, failed, results, now)
     elif not baked:
         return
     elif verdict is Verdict.PASS:
-        _pass(session, state, rollout, results, now)
+        _pass(session, desired, rollout, results, now)
     elif now - started >= dt.timedelta(seconds=wave_spec.bake_s + spec.evidence_timeout_s):
         waiting = "; ".join(r.describe() for r in results if r.verdict is Verdict.WAIT)
-        rollout.state = "paused"
+        rollout.state = RolloutState.PAUSED
         rollout.reason = f"wave {rollout.wave + 1}: not enough evidence: {waiting}"
-        record(session, rollout, "paused", rollout.reason, gates=_gates(results))
-
-
-def judge(session: Session, rollout: Rollout, members: Sequence[RolloutDevice]) -> list[GateResult]:
-    """The gates of the rollout's current wave and phase, on the evidence so far."""
-    phase: Phase = "shadow" if rollout.phase == "shadow" else "active"
-    model = session.get(ModelVersion, rollout.model_id)
-    spec = RolloutCreate.model_validate(rollout.spec)
-    found = evidence.gather(session, rollout, members, phase)
-    return evaluate(spec.gates.gates(), found, service.reference_of(model), phase)
+        record(session, rollout, EventKind.PAUSED, rollout.reason, gates=_gates(results))
 
 
 def _members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
@@ -107,18 +109,18 @@ def _members(session: Session, rollout: Rollout) -> list[RolloutDevice]:
 
 
 def _start_phase(
-    session: Session, state: FleetState, rollout: Rollout, phase: str, now: dt.datetime
+    session: Session, desired: DesiredStates, rollout: Rollout, phase: Phase, now: dt.datetime
 ) -> None:
     # A wave's first phase starts it; going from shadow to active switches it.
-    kind = "wave_switched" if rollout.phase == "shadow" else "wave_started"
+    kind = EventKind.WAVE_SWITCHED if rollout.phase == Phase.SHADOW else EventKind.WAVE_STARTED
     rollout.phase = phase
     rollout.phase_started_at = now
     model = session.get(ModelVersion, rollout.model_id)
     assigned = 0
     for member in _members(session, rollout):
-        if member.state in ("failed", "timed_out"):
-            continue  # it keeps the model it has; the install gate already counted it
-        _assign(session, state, rollout, member, model, phase, now)
+        if member.state in _GAVE_UP:
+            continue
+        _assign(session, desired, rollout, member, model, phase, now)
         assigned += 1
     record(
         session,
@@ -132,30 +134,29 @@ def _start_phase(
 
 def _assign(
     session: Session,
-    state: FleetState,
+    desired: DesiredStates,
     rollout: Rollout,
     member: RolloutDevice,
     model: ModelVersion | None,
-    phase: str,
+    phase: Phase,
     now: dt.datetime,
 ) -> None:
     device = session.get(Device, member.device_id)
     if device is None or device.decommissioned_at is not None:
-        member.state = "failed"
+        member.state = MemberState.FAILED
         member.reason = "device decommissioned"
         member.finished_at = now
         return
     member.deployment_id = deployment_id(rollout, phase)
-    member.state = "installing"
+    member.state = MemberState.INSTALLING
     member.assigned_at = now
     member.finished_at = None
     member.reason = None
     desired.assign(
         session,
-        state,
         device,
         model,
-        mode="shadow" if phase == "shadow" else "active",
+        mode="shadow" if phase == Phase.SHADOW else "active",
         actor=f"rollout:{rollout.id}",
         deployment_id=member.deployment_id,
     )
@@ -170,7 +171,9 @@ def _refresh(
 ) -> None:
     """Each installing device's last report on its deployment decides its state."""
     installing = {
-        m.device_id: m for m in members if m.state == "installing" and m.deployment_id is not None
+        m.device_id: m
+        for m in members
+        if m.state == MemberState.INSTALLING and m.deployment_id is not None
     }
     if not installing:
         return
@@ -191,17 +194,16 @@ def _refresh(
             latest[row.device_id] = row
     for device_id, member in installing.items():
         report = latest.get(device_id)
-        if report is not None and report.state in SUCCEEDED:
-            member.state = report.state
+        reached = REPORTED.get(report.state) if report is not None else None
+        if report is not None and reached is not None:
+            member.state = reached
             member.finished_at = report.ts
-            if report.state == "active":
+            if reached == MemberState.ACTIVE:
                 member.switched_at = report.ts
-        elif report is not None and report.state in FAILED:
-            member.state = "failed"
-            member.finished_at = report.ts
-            member.reason = f"{report.state}: {report.reason or 'no reason given'}"
+            elif reached == MemberState.FAILED:
+                member.reason = f"{report.state}: {report.reason or 'no reason given'}"
         elif _older(member.assigned_at, now, timeout_s):
-            member.state = "timed_out"
+            member.state = MemberState.TIMED_OUT
             member.finished_at = now
             member.reason = f"no terminal report within {timeout_s:g} s"
 
@@ -212,7 +214,7 @@ def _older(moment: dt.datetime | None, now: dt.datetime, seconds: float) -> bool
 
 
 def _admit_newcomers(
-    session: Session, state: FleetState, rollout: Rollout, now: dt.datetime
+    session: Session, desired: DesiredStates, rollout: Rollout, now: dt.datetime
 ) -> None:
     """A device that joined the target since (enrolled, or tagged) joins the current wave."""
     known = set(
@@ -233,77 +235,79 @@ def _admit_newcomers(
             rollout_id=rollout.id,
             device_id=device.id,
             wave=rollout.wave,
-            state="pending",
+            state=MemberState.PENDING,
             previous_model_id=previous,
         )
         session.add(member)
         if rollout.phase is not None:
             model = session.get(ModelVersion, rollout.model_id)
-            _assign(session, state, rollout, member, model, rollout.phase, now)
-        record(session, rollout, "device_joined", f"{device.id} joined wave {rollout.wave + 1}")
+            _assign(session, desired, rollout, member, model, rollout.phase, now)
+        record(
+            session, rollout, EventKind.DEVICE_JOINED, f"{device.id} joined wave {rollout.wave + 1}"
+        )
 
 
 def _pass(
     session: Session,
-    state: FleetState,
+    desired: DesiredStates,
     rollout: Rollout,
     results: Sequence[GateResult],
     now: dt.datetime,
 ) -> None:
     spec = RolloutCreate.model_validate(rollout.spec)
     number = rollout.wave + 1
-    if rollout.phase == "shadow":
+    if rollout.phase == Phase.SHADOW:
         record(
             session,
             rollout,
-            "gates_passed",
+            EventKind.GATES_PASSED,
             f"wave {number} shadow: {_summary(results)}",
             gates=_gates(results),
         )
-        _start_phase(session, state, rollout, "active", now)
+        _start_phase(session, desired, rollout, Phase.ACTIVE, now)
         return
     record(
         session,
         rollout,
-        "gates_passed",
+        EventKind.GATES_PASSED,
         f"wave {number}: {_summary(results)}",
         gates=_gates(results),
     )
     if number == len(spec.waves):
-        finish(rollout, "completed", None)
-        record(session, rollout, "completed", f"{rollout.model_version} reached every wave")
+        finish(rollout, RolloutState.COMPLETED, None)
+        record(session, rollout, EventKind.COMPLETED, f"{rollout.model_version} reached every wave")
         return
     rollout.wave += 1
     rollout.phase = None
     rollout.phase_started_at = None
     if spec.waves[number - 1].pause_after:
-        rollout.state = "paused"
+        rollout.state = RolloutState.PAUSED
         rollout.reason = f"wave {number} passed; waiting for a person to resume"
-        record(session, rollout, "paused", rollout.reason)
+        record(session, rollout, EventKind.PAUSED, rollout.reason)
 
 
 def _fail(
     session: Session,
-    state: FleetState,
+    desired: DesiredStates,
     rollout: Rollout,
-    action: str,
+    action: Literal["pause", "rollback"],
     failed: Sequence[GateResult],
     results: Sequence[GateResult],
     now: dt.datetime,
 ) -> None:
     reason = f"wave {rollout.wave + 1}: " + "; ".join(r.describe() for r in failed)
-    record(session, rollout, "gates_failed", reason, gates=_gates(results))
+    record(session, rollout, EventKind.GATES_FAILED, reason, gates=_gates(results))
     if action == "rollback":
-        roll_back(session, state, rollout, reason, now)
+        roll_back(session, desired, rollout, reason, now)
     else:
-        rollout.state = "paused"
+        rollout.state = RolloutState.PAUSED
         rollout.reason = reason
-        record(session, rollout, "paused", reason)
+        record(session, rollout, EventKind.PAUSED, reason)
 
 
 def roll_back(
     session: Session,
-    state: FleetState,
+    desired: DesiredStates,
     rollout: Rollout,
     reason: str,
     now: dt.datetime,
@@ -329,7 +333,6 @@ def roll_back(
         member.deployment_id = f"rollout-{rollout.id}-rollback"
         desired.assign(
             session,
-            state,
             device,
             previous,
             mode="active",
@@ -337,14 +340,14 @@ def roll_back(
             rollback=True,
             deployment_id=member.deployment_id,
         )
-        member.state = "reverted"
+        member.state = MemberState.REVERTED
         member.finished_at = now
         reverted += 1
-    finish(rollout, "rolled_back", reason)
+    finish(rollout, RolloutState.ROLLED_BACK, reason)
     record(
         session,
         rollout,
-        "rolled_back",
+        EventKind.ROLLED_BACK,
         f"{reverted} device(s) get their previous model back: {reason}",
         actor=actor,
     )
@@ -361,29 +364,31 @@ def _gates(results: Sequence[GateResult]) -> list[dict[str, object]]:
 # --- operators' actions ----------------------------------------------------------------------
 
 
-def act(session: Session, state: FleetState, rollout: Rollout, action: Action, actor: str) -> None:
+def act(
+    session: Session, desired: DesiredStates, rollout: Rollout, action: Action, actor: str
+) -> None:
     now = dt.datetime.now(dt.UTC)
-    if rollout.state in service.FINAL_STATES:
+    if rollout.state.is_final:
         raise Conflict(f"rollout {rollout.id} is {rollout.state}; it cannot {action}")
-    if action == "pause":
-        if rollout.state == "paused":
+    if action == Action.PAUSE:
+        if rollout.state == RolloutState.PAUSED:
             raise Conflict(f"rollout {rollout.id} is already paused")
-        rollout.state = "paused"
+        rollout.state = RolloutState.PAUSED
         rollout.reason = f"paused by {actor}"
-        record(session, rollout, "paused", rollout.reason, actor=actor)
-    elif action == "resume":
-        if rollout.state != "paused":
+        record(session, rollout, EventKind.PAUSED, rollout.reason, actor=actor)
+    elif action == Action.RESUME:
+        if rollout.state != RolloutState.PAUSED:
             raise Conflict(f"rollout {rollout.id} is {rollout.state}, not paused")
-        rollout.state = "running"
+        rollout.state = RolloutState.RUNNING
         rollout.reason = None
         if rollout.phase is not None:
             rollout.phase_started_at = now  # the bake (and the evidence) starts over
-        record(session, rollout, "resumed", f"resumed by {actor}", actor=actor)
-    elif action == "abort":
-        finish(rollout, "aborted", f"aborted by {actor}; devices keep what they run")
-        record(session, rollout, "aborted", rollout.reason or "", actor=actor)
+        record(session, rollout, EventKind.RESUMED, f"resumed by {actor}", actor=actor)
+    elif action == Action.ABORT:
+        finish(rollout, RolloutState.ABORTED, f"aborted by {actor}; devices keep what they run")
+        record(session, rollout, EventKind.ABORTED, rollout.reason or "", actor=actor)
     else:
-        roll_back(session, state, rollout, f"rolled back by {actor}", now, actor)
+        roll_back(session, desired, rollout, f"rolled back by {actor}", now, actor)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -392,8 +397,11 @@ def act(session: Session, state: FleetState, rollout: Rollout, action: Action, a
 class RolloutController:
     """Steps every running rollout every `interval_s`, on a thread of its own."""
 
-    def __init__(self, state: FleetState, interval_s: float) -> None:
-        self.state = state
+    def __init__(
+        self, sessions: sessionmaker[Session], desired: DesiredStates, interval_s: float
+    ) -> None:
+        self.sessions = sessions
+        self.desired = desired
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollouts", daemon=True)
@@ -413,17 +421,18 @@ class RolloutController:
                 log.exception("rollout controller tick failed")
 
     def tick(self) -> None:
-        with self.state.sessions() as session:
-            ids = list(session.scalars(select(Rollout.id).where(Rollout.state == "running")))
+        with self.sessions() as session:
+            running = select(Rollout.id).where(Rollout.state == RolloutState.RUNNING)
+            ids = list(session.scalars(running))
         for rollout_id in ids:
             self.step_one(rollout_id)
 
     def step_one(self, rollout_id: int) -> None:
-        with self.state.sessions() as session, session.begin():
+        with self.sessions() as session, session.begin():
             # SKIP LOCKED: a rollout another replica is stepping is its business this tick.
             rollout = session.scalar(
                 select(Rollout).where(Rollout.id == rollout_id).with_for_update(skip_locked=True)
             )
             if rollout is None:
                 return
-            step(session, self.state, rollout, dt.datetime.now(dt.UTC))
+            step(session, self.desired, rollout, dt.datetime.now(dt.UTC))

@@ -16,7 +16,8 @@ from typing import TypeVar
 from sqlalchemy import ColumnElement, select
 from sqlalchemy.orm import Session
 
-from fleet_server.rollouts.gates import DeviceEvidence, Install, Phase
+from fleet_server.rollouts.gates import DeviceEvidence
+from fleet_server.rollouts.states import RESULT, InstallResult, Phase
 from fleet_server.tables import (
     AccuracyRow,
     InferenceRow,
@@ -30,17 +31,6 @@ from fleet_server.tables import (
 # How far back a device's previous model is read, before the rollout reached it.
 PREVIOUS_SPAN = dt.timedelta(hours=1)
 
-# Execution states of a rollout device and what they mean for the install gate.
-INSTALL: dict[str, Install] = {
-    "pending": "pending",
-    "installing": "pending",
-    "shadow": "succeeded",
-    "active": "succeeded",
-    "failed": "failed",
-    "timed_out": "timed_out",
-    "reverted": "succeeded",
-}
-
 
 def gather(
     session: Session, rollout: Rollout, members: Sequence[RolloutDevice], phase: Phase
@@ -50,12 +40,12 @@ def gather(
     previous = _versions(session, {m.previous_model_id for m in members})
     reporting = [m for m in members if _installed(m)]
     if not reporting:
-        return [DeviceEvidence(m.device_id, INSTALL.get(m.state, "pending")) for m in members]
+        return [DeviceEvidence(m.device_id, RESULT[m.state]) for m in members]
     ids = [m.device_id for m in reporting]
     # Everything any device of the wave could count: its previous model from an hour
     # before the earliest assignment, the candidate since.
     since = min(_assigned(m) for m in reporting) - PREVIOUS_SPAN
-    if phase == "shadow":
+    if phase == Phase.SHADOW:
         shadow = _rows(
             session, ShadowRow, ids, since, ShadowRow.candidate_version == rollout.model_version
         )
@@ -81,7 +71,7 @@ def gather(
 
 
 def _installed(member: RolloutDevice) -> bool:
-    return INSTALL.get(member.state) == "succeeded" and member.assigned_at is not None
+    return RESULT[member.state] == InstallResult.SUCCEEDED and member.assigned_at is not None
 
 
 def _assigned(member: RolloutDevice) -> dt.datetime:
@@ -126,12 +116,12 @@ def _device(
     accuracy: Sequence[AccuracyRow],
     shadow: Sequence[ShadowRow],
 ) -> DeviceEvidence:
-    evidence = DeviceEvidence(member.device_id, INSTALL.get(member.state, "pending"))
+    evidence = DeviceEvidence(member.device_id, RESULT[member.state])
     if not _installed(member):
         return evidence
     assigned = _assigned(member)
     version = rollout.model_version
-    if phase == "shadow":
+    if phase == Phase.SHADOW:
         compared = [
             r for r in shadow if r.active_version == previous_version and _at(r) >= assigned
         ]

@@ -18,12 +18,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Any, ClassVar
 
-Install = Literal["pending", "succeeded", "failed", "timed_out"]
+from annotated_types import Ge, Gt, Le
+
+from fleet_server.rollouts.states import InstallResult, Phase
+
 # Gates whose threshold is a minimum to reach; every other gate's is a maximum.
 AT_LEAST = frozenset({"shadow_agreement"})
-Phase = Literal["shadow", "active"]
 
 
 class Verdict(StrEnum):
@@ -32,23 +34,34 @@ class Verdict(StrEnum):
     WAIT = "wait"  # not enough evidence yet
 
 
+# Each threshold's bounds, checked where a rollout request comes in (pydantic reads them).
+Share = Annotated[float, Ge(0), Le(1)]
+Drop = Annotated[float, Ge(-1), Le(1)]  # negative: the candidate must be better by this much
+Minimum = Annotated[int, Ge(1)]
+
+
 @dataclass(frozen=True)
 class Gates:
-    """Every threshold is optional; a gate left None is not judged."""
+    """Every threshold is optional; a gate left None is not judged. The one definition of
+    the gates, their bounds and their defaults: the API takes it as it is."""
 
-    max_install_failure_ratio: float | None = None
-    max_error_rate: float | None = None
-    max_nan_outputs: int | None = None  # 0: "no NaN or infinite outputs"
-    max_latency_ratio: float | None = None  # p95 on the candidate / p95 on the previous model
-    max_accuracy_drop: float | None = None  # previous accuracy - candidate accuracy
-    min_shadow_agreement: float | None = None
-    max_confidence_drop: float | None = None  # reference mean confidence - live
-    max_class_shift: float | None = None  # total variation distance from the reference
+    # Read by pydantic when a request is validated: an unknown gate is refused.
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+
+    max_install_failure_ratio: Share | None = None
+    max_error_rate: Share | None = None
+    max_nan_outputs: Annotated[int, Ge(0)] | None = None  # 0: "no NaN or infinite outputs"
+    # p95 on the candidate / p95 on the previous model
+    max_latency_ratio: Annotated[float, Gt(0)] | None = None
+    max_accuracy_drop: Drop | None = None  # previous accuracy - candidate accuracy
+    min_shadow_agreement: Share | None = None
+    max_confidence_drop: Drop | None = None  # reference mean confidence - live
+    max_class_shift: Share | None = None  # total variation distance from the reference
     # Minimum evidence.
-    min_devices: int = 1
-    min_predictions: int = 100
-    min_labelled: int = 50
-    min_compared: int = 100
+    min_devices: Minimum = 1
+    min_predictions: Minimum = 100
+    min_labelled: Minimum = 50
+    min_compared: Minimum = 100
 
 
 @dataclass(frozen=True)
@@ -60,7 +73,7 @@ class DeviceEvidence:
     """
 
     device_id: str
-    install: Install
+    install: InstallResult
     predictions: int = 0  # inferences attempted on the candidate, failed ones included
     errors: int = 0
     nan_outputs: int = 0
@@ -128,15 +141,15 @@ def evaluate(
     gates: Gates,
     devices: Sequence[DeviceEvidence],
     reference: Reference,
-    phase: Phase = "active",
+    phase: Phase = Phase.ACTIVE,
 ) -> list[GateResult]:
     """Every configured gate that applies to the phase: in a shadow phase the candidate
     does not answer, so only the install and agreement gates are judged."""
     results: list[GateResult] = []
     if gates.max_install_failure_ratio is not None:
         results.append(_install(gates, gates.max_install_failure_ratio, devices))
-    installed = [d for d in devices if d.install == "succeeded"]
-    if phase == "shadow":
+    installed = [d for d in devices if d.install == InstallResult.SUCCEEDED]
+    if phase == Phase.SHADOW:
         if gates.min_shadow_agreement is not None:
             results.append(_agreement(gates, gates.min_shadow_agreement, installed))
         return results
@@ -160,8 +173,8 @@ def evaluate(
 
 def _install(gates: Gates, limit: float, devices: Sequence[DeviceEvidence]) -> GateResult:
     total = len(devices)
-    failed = sum(d.install in ("failed", "timed_out") for d in devices)
-    finished = sum(d.install != "pending" for d in devices)
+    failed = sum(d.install in (InstallResult.FAILED, InstallResult.TIMED_OUT) for d in devices)
+    finished = sum(d.install != InstallResult.PENDING for d in devices)
     needed = min(gates.min_devices, total)
     ratio = failed / finished if finished else None
     note = f"devices finished, {failed} failed or timed out"

@@ -1,8 +1,9 @@
-"""Rollouts as the API sees them: created (target resolved, waves planned), looked up,
-listed, and their history recorded.
+"""Rollouts created (target resolved, waves planned), looked up, and their history
+recorded.
 
 The controller (`fleet_server.rollouts.controller`) drives what is created here and
-carries out operators' actions; both keep all their state in the database.
+carries out operators' actions; both keep all their state in the database. What people
+read of a rollout is `fleet_server.rollouts.read_model`'s.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from fleet_server.errors import Conflict, NotFound, Rejected
 from fleet_server.rollouts.gates import Reference
 from fleet_server.rollouts.spec import RolloutCreate, WaveSpec
+from fleet_server.rollouts.states import ACTIVE_STATES, EventKind, MemberState, RolloutState
 from fleet_server.services import audit
 from fleet_server.tables import (
     Device,
@@ -30,24 +33,6 @@ from fleet_server.tables import (
     RolloutEvent,
     utcnow,
 )
-
-# Execution states of a rollout: `running` is driven by the controller, `paused` waits for
-# a person, the rest are final.
-ACTIVE_STATES = ("running", "paused")
-FINAL_STATES = ("completed", "rolled_back", "aborted")
-Action = Literal["pause", "resume", "abort", "rollback"]
-
-
-class NotFound(LookupError):
-    pass
-
-
-class Rejected(ValueError):
-    """The request cannot be carried out as asked (422)."""
-
-
-class Conflict(RuntimeError):
-    """The request clashes with the rollout's state or with another rollout (409)."""
 
 
 @dataclass(frozen=True)
@@ -91,7 +76,7 @@ def create(session: Session, body: RolloutCreate, actor: str) -> Rollout:
         model_name=model.name,
         model_version=model.version,
         spec=body.model_dump(mode="json"),
-        state="running",
+        state=RolloutState.RUNNING,
         wave=0,
         created_by=actor,
     )
@@ -105,7 +90,7 @@ def create(session: Session, body: RolloutCreate, actor: str) -> Rollout:
                 rollout_id=rollout.id,
                 device_id=plan.device_id,
                 wave=plan.wave,
-                state="pending",
+                state=MemberState.PENDING,
                 previous_model_id=plan.previous_model_id,
             )
         )
@@ -113,7 +98,7 @@ def create(session: Session, body: RolloutCreate, actor: str) -> Rollout:
     record(
         session,
         rollout,
-        "created",
+        EventKind.CREATED,
         f"{model.name} {model.version} to {len(devices)} device(s) in {len(sizes)} wave(s)",
         wave_sizes=sizes,
         actor=actor,
@@ -192,7 +177,7 @@ def registry_ids(session: Session, devices: Sequence[Device]) -> dict[str, int |
 def record(
     session: Session,
     rollout: Rollout,
-    kind: str,
+    kind: EventKind,
     message: str,
     *,
     actor: str = "controller",
@@ -219,27 +204,7 @@ def get(session: Session, rollout_id: int, *, lock: bool = False) -> Rollout:
     return rollout
 
 
-def list_rollouts(session: Session, state: str | None = None) -> list[Rollout]:
-    query = select(Rollout).order_by(Rollout.id.desc())
-    if state is not None:
-        query = query.where(Rollout.state == state)
-    return list(session.scalars(query))
-
-
-def device_counts(session: Session, rollout: Rollout) -> dict[int, dict[str, int]]:
-    """Per wave, how many devices are in each execution state."""
-    counts: dict[int, dict[str, int]] = {}
-    rows = session.execute(
-        select(RolloutDevice.wave, RolloutDevice.state, func.count())
-        .where(RolloutDevice.rollout_id == rollout.id)
-        .group_by(RolloutDevice.wave, RolloutDevice.state)
-    )
-    for wave, state, count in rows:
-        counts.setdefault(wave, {})[state] = count
-    return counts
-
-
-def finish(rollout: Rollout, state: str, reason: str | None) -> None:
+def finish(rollout: Rollout, state: RolloutState, reason: str | None) -> None:
     rollout.state = state
     rollout.reason = reason
     rollout.finished_at = dt.datetime.now(dt.UTC)

@@ -49,32 +49,12 @@ class WaveSpec(_Strict):
         return self
 
 
-class GateSpec(_Strict):
-    """Thresholds (each optional) and the evidence a gate needs before it decides."""
-
-    max_install_failure_ratio: float | None = Field(default=None, ge=0, le=1)
-    max_error_rate: float | None = Field(default=None, ge=0, le=1)
-    max_nan_outputs: int | None = Field(default=None, ge=0)
-    max_latency_ratio: float | None = Field(default=None, gt=0)
-    max_accuracy_drop: float | None = Field(default=None, ge=-1, le=1)
-    min_shadow_agreement: float | None = Field(default=None, ge=0, le=1)
-    max_confidence_drop: float | None = Field(default=None, ge=-1, le=1)
-    max_class_shift: float | None = Field(default=None, ge=0, le=1)
-    min_devices: int = Field(default=1, ge=1)
-    min_predictions: int = Field(default=100, ge=1)
-    min_labelled: int = Field(default=50, ge=1)
-    min_compared: int = Field(default=100, ge=1)
-
-    def gates(self) -> Gates:
-        return Gates(**self.model_dump())
-
-
 class RolloutCreate(_Strict):
     model: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     target: RolloutTarget
     waves: list[WaveSpec] = Field(min_length=1, max_length=MAX_WAVES)
-    gates: GateSpec = Field(default_factory=GateSpec)
+    gates: Gates = Field(default_factory=Gates)
     on_failure: Literal["pause", "rollback"] = "rollback"
     # A device with no terminal report this long after it was assigned counts as failed.
     device_timeout_s: float = Field(default=900.0, gt=0, le=7 * 86400)

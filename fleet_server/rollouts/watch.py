@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session
 
-from fleet_server.rollouts.controller import judge
 from fleet_server.rollouts.gates import GateResult
+from fleet_server.rollouts.judge import judge
 from fleet_server.tables import Rollout, RolloutDevice
 
 Judge = Callable[[Session, Rollout, Sequence[RolloutDevice]], list[GateResult]]

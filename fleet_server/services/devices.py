@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from fleet_server.auth import matches, new_device_id, new_secret, secret_hash
+from fleet_server.errors import NotFound, Rejected
 from fleet_server.services import audit
 from fleet_server.services.tokens import consume_enrollment_token
 from fleet_server.tables import Device, DeviceTag, utcnow
@@ -28,7 +29,7 @@ class BrokerAccess(Protocol):
 def check_tags(tags: list[str]) -> list[str]:
     bad = [t for t in tags if not _TAG.match(t)]
     if bad:
-        raise ValueError(f"invalid tag(s) {bad}: use 1-64 letters, digits, '_', '.', ':' or '-'")
+        raise Rejected(f"invalid tag(s) {bad}: use 1-64 letters, digits, '_', '.', ':' or '-'")
     return sorted(set(tags))
 
 
@@ -89,6 +90,14 @@ def get_device(session: Session, device_id: str) -> Device | None:
     device = session.get(Device, device_id)
     if device is None or device.decommissioned_at is not None:
         return None
+    return device
+
+
+def require_device(session: Session, device_id: str) -> Device:
+    """The enrolled device with this id; NotFound for an unknown or decommissioned one."""
+    device = get_device(session, device_id)
+    if device is None:
+        raise NotFound(f"no device {device_id!r}")
     return device
 
 

@@ -9,26 +9,29 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from fleet_server.blobs import BlobStore, TooLarge
+from fleet_server.blobs import BlobStore
+from fleet_server.errors import Conflict, NotFound, Rejected, TooLarge
 from fleet_server.services import audit
 from fleet_server.tables import ModelVersion, PublisherKey
 from protocol.manifest import ManifestError, parse_manifest
 from protocol.signing import SigningKeyError, TrustedKey, parse_public_key, verify_signature
 
 
-class RejectedUpload(Exception):
-    """The bundle is malformed, unsigned, signed by an unknown key, or not what it claims."""
-
-
-class Conflict(Exception):
-    """Something with that name already exists."""
+def get_model(session: Session, name: str, version: str) -> ModelVersion:
+    """The registered model `name` `version`; NotFound if there is none."""
+    row = session.scalar(
+        select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+    )
+    if row is None:
+        raise NotFound(f"no model {name} {version}")
+    return row
 
 
 def add_key(session: Session, name: str, public_key: str, actor: str) -> PublisherKey:
     try:
         trusted = parse_public_key(public_key, "public_key")
     except SigningKeyError as exc:
-        raise RejectedUpload(str(exc)) from None
+        raise Rejected(str(exc)) from None
     exists = session.scalar(
         select(PublisherKey).where(
             (PublisherKey.name == name) | (PublisherKey.keyid == trusted.keyid)
@@ -63,7 +66,7 @@ def register_model(
         signed = parse_manifest(upload.manifest)
         signature = verify_signature(signed, trusted_keys(session))
     except ManifestError as exc:
-        raise RejectedUpload(str(exc)) from None
+        raise Rejected(str(exc)) from None
     m = signed.manifest
     taken = session.scalar(
         select(ModelVersion).where(ModelVersion.name == m.name, ModelVersion.version == m.version)
@@ -77,12 +80,12 @@ def register_model(
     except TooLarge:
         raise
     except ValueError:
-        raise RejectedUpload(
+        raise Rejected(
             "the model file's sha256 does not match the manifest: "
             "it is not the model that was signed"
         ) from None
     if size != m.model.size:
-        raise RejectedUpload(f"the model file is {size} bytes but the manifest says {m.model.size}")
+        raise Rejected(f"the model file is {size} bytes but the manifest says {m.model.size}")
     row = ModelVersion(
         name=m.name,
         version=m.version,

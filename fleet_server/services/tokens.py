@@ -15,6 +15,7 @@ from fleet_server.auth import (
     new_secret,
     secret_hash,
 )
+from fleet_server.errors import NotFound, Refused, Rejected
 from fleet_server.services import audit
 from fleet_server.tables import ApiToken, EnrollmentToken, aware, utcnow
 
@@ -39,12 +40,12 @@ def list_api_tokens(session: Session) -> list[ApiToken]:
 
 
 def revoke_api_token(session: Session, token_id: int, actor: str) -> ApiToken:
-    """Revoke a token by its id; raises LookupError for an id that never existed. Every
+    """Revoke a token by its id; raises NotFound for an id that never existed. Every
     request it makes afterwards is refused, console sessions included. Revoking twice
     keeps the first time."""
     row = session.get(ApiToken, token_id)
     if row is None:
-        raise LookupError(f"no API token with id {token_id}")
+        raise NotFound(f"no API token with id {token_id}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         audit.record(session, actor, "token.revoke", row.name, id=token_id, role=row.role)
@@ -67,7 +68,7 @@ def create_enrollment_token(
     actor: str,
 ) -> str:
     if uses < 1:
-        raise ValueError("uses must be at least 1")
+        raise Rejected("uses must be at least 1")
     token = new_secret(ENROLLMENT_TOKEN_PREFIX)
     expires_at = utcnow() + expires_in if expires_in else None
     session.add(
@@ -83,7 +84,7 @@ def create_enrollment_token(
     return token
 
 
-class EnrollmentRefused(Exception):
+class EnrollmentRefused(Refused):
     """A token that is unknown, used up or expired; the message says which."""
 
 

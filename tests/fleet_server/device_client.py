@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
+
+from protocol.mqtt import new_client
 
 WAIT = 10.0
 
@@ -28,12 +29,7 @@ class DeviceClient:
     connect_reason: ReasonCode | None = None
 
     def __post_init__(self) -> None:
-        self.client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.device_id,
-            protocol=mqtt.MQTTv5,
-        )
-        self.client.username_pw_set(self.device_id, self.secret)
+        self.client = new_client(self.device_id, self.device_id, self.secret)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

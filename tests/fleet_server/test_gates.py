@@ -11,19 +11,21 @@ from fleet_server.rollouts.gates import (
     DeviceEvidence,
     GateResult,
     Gates,
-    Install,
     Reference,
     Verdict,
     evaluate,
     overall,
 )
+from fleet_server.rollouts.states import InstallResult, Phase
 
 PASS, FAIL, WAIT = Verdict.PASS, Verdict.FAIL, Verdict.WAIT
+SUCCEEDED, PENDING = InstallResult.SUCCEEDED, InstallResult.PENDING
+FAILED, TIMED_OUT = InstallResult.FAILED, InstallResult.TIMED_OUT
 NO_REFERENCE = Reference()
 REFERENCE = Reference(mean_confidence=0.9, class_distribution=(0.5, 0.3, 0.2))
 
 
-def device(n: int, install: Install = "succeeded", **figures: Any) -> DeviceEvidence:
+def device(n: int, install: InstallResult = SUCCEEDED, **figures: Any) -> DeviceEvidence:
     return DeviceEvidence(f"dev-{n}", install, **figures)
 
 
@@ -44,18 +46,18 @@ def only(
 @pytest.mark.parametrize(
     ("installs", "min_devices", "expected"),
     [
-        (["succeeded"] * 5, 3, PASS),
-        (["succeeded"] * 4 + ["pending"], 3, WAIT),  # every device must be done to pass
-        (["failed"] + ["pending"] * 9, 3, WAIT),  # one early failure decides nothing
-        (["failed", "succeeded", "succeeded"] + ["pending"] * 7, 3, FAIL),  # 1/3 > 0.2
-        (["failed", "timed_out", "failed"] + ["pending"] * 7, 5, FAIL),  # 3/10 > 0.2, for sure
-        (["failed"] + ["succeeded"] * 4, 3, PASS),  # 0.2 is within the limit
-        (["timed_out"] + ["succeeded"] * 3, 3, FAIL),  # a timeout counts as a failure
+        ([SUCCEEDED] * 5, 3, PASS),
+        ([SUCCEEDED] * 4 + [PENDING], 3, WAIT),  # every device must be done to pass
+        ([FAILED] + [PENDING] * 9, 3, WAIT),  # one early failure decides nothing
+        ([FAILED, SUCCEEDED, SUCCEEDED] + [PENDING] * 7, 3, FAIL),  # 1/3 > 0.2
+        ([FAILED, TIMED_OUT, FAILED] + [PENDING] * 7, 5, FAIL),  # 3/10 > 0.2, for sure
+        ([FAILED] + [SUCCEEDED] * 4, 3, PASS),  # 0.2 is within the limit
+        ([TIMED_OUT] + [SUCCEEDED] * 3, 3, FAIL),  # a timeout counts as a failure
         ([], 3, WAIT),
     ],
 )
 def test_install_failure_ratio(
-    installs: list[Install], min_devices: int, expected: Verdict
+    installs: list[InstallResult], min_devices: int, expected: Verdict
 ) -> None:
     gates = Gates(max_install_failure_ratio=0.2, min_devices=min_devices)
     devices = [device(i, install) for i, install in enumerate(installs)]
@@ -66,7 +68,7 @@ def test_install_failure_ratio(
 
 def test_install_gate_reports_its_measure_and_evidence() -> None:
     gates = Gates(max_install_failure_ratio=0.5, min_devices=2)
-    devices = [device(0, "failed"), device(1), device(2, "pending")]
+    devices = [device(0, FAILED), device(1), device(2, PENDING)]
     result = only(gates, devices)
     assert (result.verdict, result.measured, result.evidence, result.needed) == (WAIT, 0.5, 2, 2)
     assert "1 failed" in result.describe()
@@ -82,7 +84,7 @@ def test_install_gate_reports_its_measure_and_evidence() -> None:
         (wave(3, predictions=100, errors=10), FAIL, 0.1),
         (wave(3, predictions=20, errors=10), WAIT, 0.5),  # 60 predictions: too few to judge
         (wave(1, predictions=1000, errors=500), WAIT, 0.5),  # one device: too few to judge
-        ([device(0, predictions=100), device(1, "failed"), device(2, "pending")], WAIT, 0.0),
+        ([device(0, predictions=100), device(1, FAILED), device(2, PENDING)], WAIT, 0.0),
     ],
 )
 def test_error_rate(devices: list[DeviceEvidence], expected: Verdict, measured: float) -> None:
@@ -187,10 +189,10 @@ def test_shadow_agreement_is_the_only_model_gate_of_a_shadow_phase(
         min_compared=100,
     )
     devices = wave(2, compared=compared, agreed=agreed)
-    results = evaluate(gates, devices, NO_REFERENCE, phase="shadow")
+    results = evaluate(gates, devices, NO_REFERENCE, phase=Phase.SHADOW)
     assert [(r.gate, r.verdict) for r in results] == [("shadow_agreement", expected)]
     # In the active phase the agreement gate is not judged, the others are.
-    active = evaluate(gates, devices, NO_REFERENCE, phase="active")
+    active = evaluate(gates, devices, NO_REFERENCE, phase=Phase.ACTIVE)
     assert [r.gate for r in active] == ["error_rate", "accuracy_drop"]
 
 

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from fleet_server.alerts import detect, store
-from fleet_server.alerts.config import WebhookConfig
+from fleet_server.alerts.config import AlertKind, WebhookConfig
 from fleet_server.alerts.dispatcher import AlertDispatcher
 from fleet_server.alerts.signing import verify_signature
 from fleet_server.app import build_state, create_app
@@ -25,6 +25,7 @@ from fleet_server.auth import Role
 from fleet_server.db import transaction
 from fleet_server.mqtt.ingest import Received, write_batch
 from fleet_server.rollouts import controller
+from fleet_server.rollouts.states import MemberState, Phase
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
 from fleet_server.tables import Alert, AlertDelivery, ModelVersion, Rollout, RolloutDevice
@@ -106,7 +107,7 @@ def alerting(database_url: str, tmp_path: Path) -> Iterator[Factory]:
             client = stack.enter_context(TestClient(app))
             server = Server(client, app.state.fleet, settings)
             clock = FakeClock()
-            dispatcher = AlertDispatcher(server.state, clock=clock)
+            dispatcher = AlertDispatcher(server.state.settings, server.state.sessions, clock=clock)
             stack.callback(dispatcher.stop)
             return Alerting(server, clock, dispatcher, server.token(Role.admin))
 
@@ -224,7 +225,7 @@ def test_rollout_pause_rollback_and_abort_each_fire_one_signed_webhook(
         assert offline_only.requests == []  # its filter takes no rollout events
 
         # A restarted server (a new dispatcher on the same database) raises nothing again.
-        again = AlertDispatcher(a.state, clock=a.clock)
+        again = AlertDispatcher(a.state.settings, a.state.sessions, clock=a.clock)
         assert again.raise_alerts() == 0
         again.deliver_all()
         assert len(receiver.requests) == 3
@@ -243,10 +244,10 @@ def test_a_failed_gate_fires_one_alert_naming_the_gate(
         with transaction(a.state.sessions) as session:
             rollout = session.get(Rollout, rollout_id)
             assert rollout is not None
-            rollout.phase, rollout.phase_started_at = "active", a.clock.now
+            rollout.phase, rollout.phase_started_at = Phase.ACTIVE, a.clock.now
             for member in session.scalars(select(RolloutDevice)):
-                member.state, member.reason = "failed", "failed: self-test differs"
-            controller.step(session, a.state, rollout, a.clock.now)
+                member.state, member.reason = MemberState.FAILED, "failed: self-test differs"
+            controller.step(session, a.state.desired, rollout, a.clock.now)
             assert rollout.state == kind
 
         a.tick()
@@ -475,7 +476,10 @@ def test_two_replicas_on_one_database_raise_and_deliver_each_alert_once(
         a = alerting([webhook(receiver)], alert_offline_after_s=60)
         # A second server process: its own engine and sessions on the same database.
         other_state = build_state(a.server.settings, migrate=False)
-        replicas = [a.dispatcher, AlertDispatcher(other_state, clock=a.clock)]
+        replicas = [
+            a.dispatcher,
+            AlertDispatcher(other_state.settings, other_state.sessions, clock=a.clock),
+        ]
         try:
             add_model(a.state)
             act(a, create_rollout(a), "pause")
@@ -520,7 +524,7 @@ def test_a_replica_that_read_before_another_raised_does_not_raise_again(
     now = a.clock.advance(61)
     webhooks = a.server.settings.webhooks
     with a.state.sessions() as session:
-        stale_open: set[str] = store.open_subjects(session, "device.offline")
+        stale_open: set[str] = store.open_subjects(session, AlertKind.DEVICE_OFFLINE)
         condition = detect.offline_devices(session, now, 60, stale_open)
     assert stale_open == set()
     assert list(condition.holding) == [device_id]
@@ -573,7 +577,12 @@ def test_the_servers_lifespan_runs_the_dispatcher_and_stops_it(
         with TestClient(app) as client:
             server = Server(client, app.state.fleet, settings)
             admin = server.token(Role.admin)
-            a = Alerting(server, FakeClock(), AlertDispatcher(server.state), admin)
+            a = Alerting(
+                server,
+                FakeClock(),
+                AlertDispatcher(server.state.settings, server.state.sessions),
+                admin,
+            )
             add_model(a.state)
             act(a, create_rollout(a), "pause")
             assert receiver.wait_for(1, timeout=30)

@@ -95,6 +95,24 @@ def test_expired_and_unknown_enrolment_tokens_are_refused(server: Server) -> Non
     assert response.status_code == 422
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"tags": ["t"] * 33}, "at most 32 tags"),
+        ({"name": "n" * 129}, "name must be 1-128 characters"),
+        ({"serial": "123"}, "Unexpected keyword argument"),
+    ],
+)
+def test_an_enrolment_off_the_wire_contract_is_refused_and_uses_no_token(
+    server: Server, extra: dict[str, object], message: str
+) -> None:
+    token = server.enrollment(uses=1)
+    response = server.client.post("/api/v1/enroll", json={"token": token, **extra})
+    assert response.status_code == 422
+    assert message in response.text
+    server.enroll(token=token)  # the token's one use is still there
+
+
 def test_device_list_filters_and_pages(server: Server) -> None:
     lab = server.enrollment(tags=["lab"], uses=3)
     ids = [server.enroll(token=lab)["device_id"] for _ in range(3)]
@@ -374,7 +392,8 @@ def test_a_stream_past_the_limit_is_refused_while_it_is_copied(server: Server) -
     """What stops an upload whose headers gave no length: the copy itself counts."""
     import io
 
-    from fleet_server.blobs import BlobStore, TooLarge
+    from fleet_server.blobs import BlobStore
+    from fleet_server.errors import TooLarge
 
     store = BlobStore(server.settings.blob_dir())
     with pytest.raises(TooLarge):

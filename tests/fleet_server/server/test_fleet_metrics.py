@@ -367,7 +367,8 @@ def _step(server: Server, rollout_id: int, at: float) -> None:
     with transaction(server.state.sessions) as session:
         rollout = session.get(Rollout, rollout_id)
         assert rollout is not None
-        controller.step(session, server.state, rollout, dt.datetime.fromtimestamp(at, dt.UTC))
+        now = dt.datetime.fromtimestamp(at, dt.UTC)
+        controller.step(session, server.state.desired, rollout, now)
 
 
 def test_a_running_rollout_exports_its_wave_and_gates(server: Server, bundle: Bundle) -> None:

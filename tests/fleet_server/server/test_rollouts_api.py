@@ -52,7 +52,7 @@ def step(server: Server, rollout_id: int, now: dt.datetime) -> Rollout:
     with transaction(server.state.sessions) as session:
         rollout = session.get(Rollout, rollout_id)
         assert rollout is not None
-        controller.step(session, server.state, rollout, now)
+        controller.step(session, server.state.desired, rollout, now)
         session.flush()
         session.expunge(rollout)
         return rollout
@@ -316,7 +316,7 @@ def test_a_rollout_another_replica_is_stepping_is_skipped(
     if not database_url.startswith("postgresql"):
         pytest.skip("replicas share PostgreSQL; on SQLite one server writes at a time anyway")
     rollout_id = create(server, lab["admin"])["id"]
-    other = controller.RolloutController(server.state, interval_s=1)
+    other = controller.RolloutController(server.state.sessions, server.state.desired, interval_s=1)
     holding, release = threading.Event(), threading.Event()
 
     def replica_stepping() -> None:
