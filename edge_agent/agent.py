@@ -10,15 +10,14 @@ Also the in-process API for applications that embed the agent:
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from common.files import write_atomic
 from edge_agent.config import AgentConfig
+from edge_agent.counters import COUNTERS_FILE, Counter, Counters
 from edge_agent.health import HealthMonitor
 from edge_agent.link import Link
 from edge_agent.loaded_model import LoadedModel, load_model
@@ -28,6 +27,7 @@ from edge_agent.serving import Predictor
 from edge_agent.status import OUTBOX_FILE
 from edge_agent.telemetry import TelemetryCollector
 from edge_agent.update.machine import UpdateMachine
+from edge_agent.update.report import update_report
 from protocol.messages import (
     MESSAGE_SCHEMA_VERSION,
     DesiredState,
@@ -43,7 +43,6 @@ from protocol.topics import Topics
 
 log = logging.getLogger("edge_agent")
 
-COUNTERS_FILE = "counters.json"
 
 
 def agent_version() -> str:
@@ -66,7 +65,7 @@ class Agent:
         self.health = HealthMonitor(self.version, state_dir)
         self.outbox = Outbox(state_dir / OUTBOX_FILE, settings.outbox_max_items)
         self._local_model = local_model
-        self._counters_path = state_dir / COUNTERS_FILE
+        self.counters = Counters(state_dir / COUNTERS_FILE)
         self._stop = threading.Event()
         self._telemetry_thread = threading.Thread(
             target=self._telemetry_loop, name="telemetry", daemon=True
@@ -84,6 +83,7 @@ class Agent:
                 settings.max_artifact_bytes,
                 self._queue_report,
                 self._load,
+                counters=self.counters,
                 download_patience_s=settings.download_patience_s,
             )
         address = config.mqtt_address
@@ -173,18 +173,10 @@ class Agent:
         self.machine.offer(desired)
 
     def _rejection(self, reason: str) -> UpdateReport:
+        msg_id = self.counters.next(Counter.REPORT_MSG_ID)
         active = self.predictor.active
-        return UpdateReport(
-            schema_version=MESSAGE_SCHEMA_VERSION,
-            msg_id=self.machine.next_msg_id() if self.machine else 1,
-            ts=time.time(),
-            deployment_id=None,
-            desired_seq=0,
-            state=UpdateState.REJECTED,
-            model_name=active.name if active else None,
-            model_version=active.version if active else None,
-            reason=reason,
-            detail=None,
+        return update_report(
+            msg_id, time.time(), UpdateState.REJECTED, reason, desired=None, active=active
         )
 
     def _queue_report(self, report: UpdateReport) -> None:
@@ -211,7 +203,7 @@ class Agent:
         health = self.health.sample(now)
         if device is None:
             return
-        seq = self._next_counter("telemetry_seq")
+        seq = self.counters.next(Counter.TELEMETRY_SEQ)
 
         def batch(dropped: int) -> bytes:
             return encode_payload(
@@ -234,14 +226,3 @@ class Agent:
     def _device_id(self) -> str | None:
         credentials = self.config.credentials
         return credentials.device_id if credentials else None
-
-    def _next_counter(self, name: str) -> int:
-        """A per-device counter kept across restarts; a fresh one starts at the current
-        time in milliseconds, so it never reuses numbers the server has seen."""
-        counters: dict[str, int] = {}
-        if self._counters_path.exists():
-            counters = json.loads(self._counters_path.read_text(encoding="utf-8"))
-        value = counters.get(name, int(time.time() * 1000)) + 1
-        counters[name] = value
-        write_atomic(self._counters_path, json.dumps(counters).encode("utf-8"))
-        return value

@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from common.files import write_atomic
+from edge_agent.counters import Counter, Counters
 from edge_agent.loaded_model import LoadedModel
 from edge_agent.serving import Predictor
 from edge_agent.slots import MANIFEST, Slots
+from edge_agent.update.report import update_report
 from edge_agent.update.states import RESTING, Event, next_state
 from edge_agent.update.steps import (
     Interrupted,
@@ -40,7 +42,6 @@ from edge_agent.update.steps import (
 )
 from protocol.manifest import manifest_to_json
 from protocol.messages import (
-    MESSAGE_SCHEMA_VERSION,
     DesiredState,
     ModelTarget,
     UpdateReport,
@@ -77,7 +78,6 @@ class Record:
     previous_slot: str | None = None  # what served before the switch: the rollback target
     candidate_slot: str | None = None
     reason: str | None = None
-    msg_id: int = 0  # the last report's msg_id
 
 
 def load_record(path: Path) -> Record:
@@ -85,6 +85,9 @@ def load_record(path: Path) -> Record:
         return Record()
     data = json.loads(path.read_text(encoding="utf-8"))
     data["state"] = UpdateState(data["state"])
+    # Reports were numbered here before counters.json; that counter starts at the current
+    # time in milliseconds, above any number an earlier version gave.
+    data.pop("msg_id", None)
     return Record(**data)
 
 
@@ -115,6 +118,7 @@ class UpdateMachine:
         report: Reporter,
         load: Loader,
         *,
+        counters: Counters,
         download_patience_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -128,6 +132,7 @@ class UpdateMachine:
         self._max_bytes = max_bytes
         self._report = report
         self._load = load
+        self._counters = counters
         self._clock = clock
         self._candidate: LoadedModel | None = None
         self._download_patience_s = download_patience_s
@@ -194,9 +199,7 @@ class UpdateMachine:
         with self._lock:
             if desired.seq <= self.record.seq:
                 return self.record.state  # handled already (a retained message seen again)
-            with self._record_lock:
-                fresh = Record(state=S.IDLE, desired=encode(desired), seq=desired.seq)
-                self._save(replace(fresh, msg_id=self.record.msg_id))
+            self._save(Record(state=S.IDLE, desired=encode(desired), seq=desired.seq))
             target = desired.model
             log.info(
                 "desired state %d taken up: %s",
@@ -437,33 +440,14 @@ class UpdateMachine:
             self.record = record
 
     def _update(self, **changes: Any) -> None:
-        # Reports are numbered from other threads too: read-modify-write under one lock.
+        # A read-modify-write of the record: under the lock that every save takes.
         with self._record_lock:
             self._save(replace(self.record, **changes))
 
-    def next_msg_id(self) -> int:
-        """The next report's msg_id, saved before it is used. A device without a record
-        starts at the current time in milliseconds, so it never reuses an id the server
-        has seen (after a reflash, say)."""
-        with self._record_lock:
-            msg_id = (self.record.msg_id or int(self._clock() * 1000)) + 1
-            self._update(msg_id=msg_id)
-            return msg_id
-
     def _send_report(self, desired: DesiredState, state: UpdateState, reason: str | None) -> None:
-        msg_id = self.next_msg_id()
-        active = self._predictor.active
-        report = UpdateReport(
-            schema_version=MESSAGE_SCHEMA_VERSION,
-            msg_id=msg_id,
-            ts=self._clock(),
-            deployment_id=desired.deployment_id,
-            desired_seq=desired.seq,
-            state=state,
-            model_name=active.name if active else None,
-            model_version=active.version if active else None,
-            reason=reason,
-            detail=None,
+        msg_id = self._counters.next(Counter.REPORT_MSG_ID)
+        report = update_report(
+            msg_id, self._clock(), state, reason, desired=desired, active=self._predictor.active
         )
         try:
             self._report(report)

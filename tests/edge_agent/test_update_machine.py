@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_agent.counters import COUNTERS_FILE, Counters
 from edge_agent.loaded_model import load_model
 from edge_agent.serving import Predictor
 from edge_agent.update import steps
@@ -135,6 +136,7 @@ def _device(state_dir: Path, key: TrustedKey, patience_s: float = PATIENCE_S) ->
         64 << 20,
         reports.append,
         load_model,
+        counters=Counters(state_dir / COUNTERS_FILE),
         download_patience_s=patience_s,
     )
     machine.boot()
