@@ -38,6 +38,7 @@ test: $(STAMP) mosquitto chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest
 
 models: $(STAMP)
