@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 MODELS_DIR ?= models/build
 DEMO_DIR ?= demo-out
+AGENT_WHEEL_DIR ?= dist
 
-.PHONY: test lint typecheck pytest bench models demo clean mosquitto chromium screenshots
+.PHONY: test lint typecheck pytest bench models demo clean mosquitto chromium screenshots agent-wheel
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,8 +54,13 @@ demo: models mosquitto
 screenshots: models mosquitto chromium
 	$(PY) -m demo.run --out $(DEMO_DIR) --models-dir $(MODELS_DIR) --screenshots docs/screenshots
 
+# The device's package: protocol, common and edge_agent, with the agent's dependencies only
+# (docs/agent.md, "Installing on Raspberry Pi OS").
+agent-wheel: $(STAMP)
+	$(PY) deploy/agent_wheel.py --out $(AGENT_WHEEL_DIR)
+
 bench: $(STAMP) mosquitto
 	$(PY) -m bench.run --out BENCHMARKS.md
 
 clean:
-	rm -rf $(MODELS_DIR) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(MODELS_DIR) $(DEMO_DIR) $(AGENT_WHEEL_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -545,7 +545,7 @@ def _measure_bare(folder: Path, devices: int, seqs: range, processes: int, mode:
         # A server without its bridge, only to enrol the devices (which provisions them on
         # the broker): they publish under exactly the ACLs a real fleet has.
         settings = Settings(data_dir=folder / "data")
-        with BrokerAdmin.connect(broker.host, broker.port, broker.credentials) as admin:
+        with BrokerAdmin(broker.host, broker.port, broker.credentials).open() as admin:
             app = create_app(settings, broker=admin, start_bridge=False)
             with TestClient(app) as client:
                 fleet = _enroll(client, app.state.fleet, devices)

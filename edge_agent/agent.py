@@ -44,12 +44,14 @@ from protocol.topics import Topics
 log = logging.getLogger("edge_agent")
 
 
-
 def agent_version() -> str:
-    try:
-        return importlib.metadata.version("edgefleet")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    # The device's own package, or the whole project where the agent runs from it.
+    for distribution in ("edgefleet-agent", "edgefleet"):
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "0+unknown"
 
 
 class Agent:

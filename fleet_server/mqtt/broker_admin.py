@@ -79,9 +79,8 @@ class BrokerAdmin:
     """Provisions and revokes devices through the dynamic-security plugin.
 
     Commands carry a fresh correlationData each and responses are matched on it, so any
-    number of threads may issue commands at once. `open()` logs in (or
-    `BrokerAdmin.connect(...)` builds and opens in one go); after a lost connection paho
-    reconnects and the response subscription is renewed.
+    number of threads may issue commands at once. `open()` logs in; after a lost
+    connection paho reconnects and the response subscription is renewed.
     """
 
     def __init__(
@@ -111,23 +110,8 @@ class BrokerAdmin:
         )
         self._client.message_callback_add(RESPONSE_TOPIC, self._on_response)
 
-    @classmethod
-    def connect(
-        cls,
-        host: str,
-        port: int,
-        credentials: BrokerCredentials,
-        *,
-        client_id: str | None = None,
-        timeout: float = _COMMAND_TIMEOUT,
-    ) -> BrokerAdmin:
-        """A BrokerAdmin, opened."""
-        admin = cls(host, port, credentials, client_id=client_id, timeout=timeout)
-        admin.open()
-        return admin
-
-    def open(self) -> None:
-        """Log in as the server user and check that the plugin answers."""
+    def open(self) -> BrokerAdmin:
+        """Log in as the server user and check that the plugin answers; returns self."""
         _connect_and_wait(self._client, self.host, self.port, self._timeout)
         self.subscribe_responses()
         self._client.on_connect = self._on_reconnect
@@ -140,6 +124,7 @@ class BrokerAdmin:
                 f"{error}; is {self._username!r} allowed to publish to {CONTROL_TOPIC} "
                 f"and subscribe to {RESPONSE_TOPIC}?"
             ) from error
+        return self
 
     def close(self) -> None:
         self._ready.clear()

@@ -5,14 +5,18 @@ applied a signed update (the signature is checked in a child process)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from tests.bundles import DigitsBundles
+from tests.bundles import Bundle, DigitsBundles
+
+REPO = Path(__file__).resolve().parents[2]
 
 FORBIDDEN = (
     "tensorflow",
@@ -51,24 +55,46 @@ RUN = textwrap.dedent(
     )
     answer = json.loads(urllib.request.urlopen(request).read())
     agent.stop()
-    print(json.dumps({"answer": answer, "modules": sorted(sys.modules)}))
+    source = edge_agent.cli.__file__  # where the agent was imported from
+    print(json.dumps({"answer": answer, "modules": sorted(sys.modules), "source": source}))
     """
 )
 
 
-def test_a_real_run_imports_nothing_heavy(digits: DigitsBundles, tmp_path: Path) -> None:
-    image = np.load(digits.eval_npz)["x"][0].tolist()
+def real_run(python: str, state: Path, bundle: Path, image: object, cwd: Path) -> dict[str, Any]:
+    """RUN with this interpreter, from `cwd`: what it answered and every module it loaded."""
+    return _run_script(python, RUN, [str(state), str(bundle), json.dumps(image)], cwd)
+
+
+def signed_update(
+    python: str, state: Path, bundle: Bundle, image: object, cwd: Path
+) -> dict[str, Any]:
+    """UPDATE with this interpreter, from `cwd`: the update's end state, the answer after
+    it and every module it loaded."""
+    args = [str(state), str(bundle.folder), str(bundle.public_key), json.dumps(image)]
+    return _run_script(python, UPDATE, args, cwd)
+
+
+def heavy(report: dict[str, Any]) -> list[str]:
+    return sorted(name for name in report["modules"] if name.split(".")[0] in FORBIDDEN)
+
+
+def _run_script(python: str, script: str, args: list[str], cwd: Path) -> dict[str, Any]:
+    # No PYTHONPATH: the interpreter finds the agent where it was installed.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", RUN, str(tmp_path), str(digits.v1.folder), json.dumps(image)],
-        capture_output=True,
-        text=True,
-        check=False,
+        [python, "-c", script, *args], capture_output=True, text=True, cwd=cwd, env=env, check=False
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])
+    return report
+
+
+def test_a_real_run_imports_nothing_heavy(digits: DigitsBundles, tmp_path: Path) -> None:
+    image = np.load(digits.eval_npz)["x"][0].tolist()
+    report = real_run(sys.executable, tmp_path, digits.v1.folder, image, REPO)
     assert report["answer"]["model"]["version"] == "1.0.0"  # it did serve
-    heavy = sorted(name for name in report["modules"] if name.split(".")[0] in FORBIDDEN)
-    assert heavy == []
+    assert heavy(report) == []
     assert "ai_edge_litert" in {name.split(".")[0] for name in report["modules"]}
 
 
@@ -117,7 +143,7 @@ UPDATE = textwrap.dedent(
     agent.stop()
     files.shutdown()
     report = {"update": updated.value, "answer": answer, "modules": sorted(sys.modules)}
-    print(json.dumps(report))
+    print(json.dumps({**report, "source": edge_agent.cli.__file__}))
     """
 )
 
@@ -126,15 +152,8 @@ def test_an_agent_that_applied_a_signed_update_never_loaded_cryptography(
     digits: DigitsBundles, tmp_path: Path
 ) -> None:
     image = np.load(digits.eval_npz)["x"][0].tolist()
-    bundle = digits.v1
-    args = [str(tmp_path / "agent"), str(bundle.folder), str(bundle.public_key), json.dumps(image)]
-    result = subprocess.run(
-        [sys.executable, "-c", UPDATE, *args], capture_output=True, text=True, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.splitlines()[-1])
+    report = signed_update(sys.executable, tmp_path / "agent", digits.v1, image, REPO)
     # The signature was checked (by the child) and the update went all the way.
     assert report["update"] == "active"
     assert report["answer"]["model"]["version"] == "1.0.0"
-    heavy = sorted(name for name in report["modules"] if name.split(".")[0] in FORBIDDEN)
-    assert heavy == []
+    assert heavy(report) == []

@@ -40,7 +40,7 @@ def broker(tmp_path: Path, mosquitto_executable: str) -> Iterator[RunningBroker]
 
 @pytest.fixture
 def broker_admin(broker: RunningBroker) -> Iterator[BrokerAdmin]:
-    admin = BrokerAdmin.connect(broker.host, broker.port, broker.credentials)
+    admin = BrokerAdmin(broker.host, broker.port, broker.credentials).open()
     try:
         yield admin
     finally:

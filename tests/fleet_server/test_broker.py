@@ -301,7 +301,7 @@ def test_a_device_must_use_its_own_id_as_client_id(
 def test_admin_connect_with_a_wrong_password_fails(broker: RunningBroker) -> None:
     wrong = BrokerCredentials(broker.credentials.username, "wrong")
     with pytest.raises(BrokerAdminError, match="refused the login"):
-        BrokerAdmin.connect(broker.host, broker.port, wrong)
+        BrokerAdmin(broker.host, broker.port, wrong).open()
 
 
 # --- what a device may do ---------------------------------------------------------------

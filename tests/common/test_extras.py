@@ -1,0 +1,85 @@
+"""Which extra a program needs, read from the package's own requirements."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common.extras import missing_for
+
+REPO = Path(__file__).resolve().parents[2]
+REQUIRES = [
+    "numpy>=1.23",
+    'tensorflow>=2.16; extra == "convert"',
+    'rich>=13; extra == "convert"',
+    "psycopg[binary]>=3.1; extra == 'server'",
+    'fastapi>=0.115; extra == "server"',
+    'paho-mqtt>=2.0; extra == "server"',
+    'paho-mqtt>=2.0; extra == "agent"',
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "installed", "expected"),
+    [
+        ("convert", set(), ["tensorflow", "rich"]),
+        ("convert", {"tensorflow"}, ["rich"]),
+        ("convert", {"tensorflow", "rich"}, []),
+        ("server", {"fastapi"}, ["psycopg", "paho-mqtt"]),
+        ("agent", {"paho-mqtt"}, []),
+        ("nothing", set(), []),
+    ],
+)
+def test_missing_names_what_the_extra_adds_and_is_absent(
+    extra: str, installed: set[str], expected: list[str]
+) -> None:
+    assert missing_for(extra, REQUIRES, installed.__contains__) == expected
+
+
+@pytest.mark.slow
+def test_programs_installed_without_their_extra_say_which_to_install(tmp_path: Path) -> None:
+    """`pip install edgefleet` (no extra) in a fresh venv: each program says in one line
+    what to install, and exits 2."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    built = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", built, REPO],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    (wheel,) = built.glob("edgefleet-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    pins = tmp_path / "constraints.txt"
+    pins.write_text(
+        subprocess.run(
+            [sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude", "edgefleet"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    subprocess.run(
+        [venv / "bin" / "pip", "install", "--quiet", "--constraint", pins, wheel],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    for program, extra in (("edge-convert", "convert"), ("fleet-server", "server")):
+        result = subprocess.run(
+            [venv / "bin" / program, "--help"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 2, result.stderr
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"{program}: error: needs the '{extra}' extra (")
+        assert line.endswith(f"pip install 'edgefleet[{extra}]'")
