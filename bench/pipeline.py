@@ -39,7 +39,8 @@ class PipelineRow:
 
 def measure_database(label: str, database_url: str | None, payloads: list[bytes]) -> PipelineRow:
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
-        state = build_state(Settings(data_dir=Path(tmp), database_url=database_url))
+        settings = Settings(data_dir=Path(tmp), database_url=database_url)
+        state = build_state(settings, with_mqtt=False)
         with transaction(state.sessions) as session:
             for i in range(DEVICES):
                 session.add(Device(id=f"dev-{i}", name=f"dev-{i}", secret_hash="-"))

@@ -15,9 +15,7 @@ _NAME = re.compile(r"[A-Za-z0-9._-]+")
 _EXTRA = re.compile(r"""extra\s*==\s*["']([^"']+)["']""")
 
 
-def missing_for(
-    extra: str, requires: Iterable[str], installed: Callable[[str], bool]
-) -> list[str]:
+def missing_for(extra: str, requires: Iterable[str], installed: Callable[[str], bool]) -> list[str]:
     """The distributions that `extra` adds (as `requires` lists them in the package's
     metadata) and that are not `installed`."""
     missing = []

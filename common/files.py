@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import secrets
 from pathlib import Path
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write a temporary file beside `path` with exactly `mode` (the umask may not narrow
-    or widen it), fsync it, rename it over `path`, fsync the directory (a rename is
-    durable only once its directory is). A failure leaves `path` as it was and no
-    temporary file behind."""
-    staging = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    """Write a temporary file beside `path` with exactly `mode` (whatever the umask),
+    fsync it, rename it over `path`, fsync the directory (a rename is durable only once its
+    directory is). A failure leaves `path` as it was and no temporary file; a power cut may
+    leave one, which the next write of `path` reuses. One writer per path at a time."""
+    staging = path.with_name(f".{path.name}.tmp")
+    # O_NOFOLLOW: a link planted at the temporary name is refused, not written through.
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         try:
             os.fchmod(fd, mode)

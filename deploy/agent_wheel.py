@@ -6,7 +6,8 @@
 
 The version and the dependencies are read from setup.cfg (`install_requires` and the
 `agent` extra), so the device's package and `edgefleet[agent]` never disagree. The wheel
-is built by pip and setuptools from a staging folder that holds only those packages.
+is built by pip with this environment's setuptools (no network) from a staging folder
+that holds only those packages.
 """
 
 from __future__ import annotations
@@ -100,7 +101,11 @@ def build(out: Path) -> Path:
         stage(ROOT, staging)
         built = Path(tmp) / "dist"
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", built, staging],
+            # This environment's setuptools (the dev extra's): nothing is fetched.
+            [
+                *(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"),
+                *("--no-build-isolation", "-w", built, staging),
+            ],
             check=True,
         )
         (wheel,) = built.glob("*.whl")

@@ -30,8 +30,8 @@ from edge_agent.config import (
     save_credentials,
     save_settings,
 )
-from protocol.enrollment import ENROLL_PATH, EnrollmentAnswer, EnrollmentRequest
-from protocol.schema import decode, encode
+from protocol.enrollment import ENROLL_PATH, EnrollmentAnswer, EnrollmentRequest, read_answer
+from protocol.schema import encode
 
 STATE_DIR_OPTION = click.option(
     "--state-dir",
@@ -181,7 +181,7 @@ def _enroll(url: str, body: EnrollmentRequest) -> EnrollmentAnswer:
     except (urllib.error.URLError, OSError) as exc:
         _fail(f"cannot reach {url}: {getattr(exc, 'reason', exc)}")
     try:
-        return decode(EnrollmentAnswer, json.loads(raw))
+        return read_answer(json.loads(raw))
     except ValueError as exc:
         _fail(f"the server's enrolment answer is not one this agent understands: {exc}")
 

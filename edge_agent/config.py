@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.files import write_atomic
+from protocol.mqtt import DEFAULT_PORT
 from protocol.signing import SigningKeyError, TrustedKey, load_public_key
 from protocol.topics import DEFAULT_PREFIX
 
@@ -72,7 +73,7 @@ class AgentConfig:
         if not self.settings.mqtt_url:
             return None
         parts = urlsplit(self.settings.mqtt_url)
-        return parts.hostname or "127.0.0.1", parts.port or 1883
+        return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORT
 
 
 def load_config(state_dir: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:

@@ -42,6 +42,15 @@ class Counters:
             write_atomic(self.path, json.dumps(values, sort_keys=True).encode("utf-8"))
             return value
 
+    def at_least(self, counter: Counter, value: int) -> None:
+        """Make the counter's next number greater than `value` (a number it gave before
+        it was kept here)."""
+        with self._lock:
+            values = self._read()
+            if values.get(counter, 0) < value:
+                values[counter] = value
+                write_atomic(self.path, json.dumps(values, sort_keys=True).encode("utf-8"))
+
     def _read(self) -> dict[str, int]:
         if not self.path.exists():
             return {}

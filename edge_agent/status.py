@@ -30,7 +30,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         if current is not None:
             manifest = json.loads((slots.path(current) / MANIFEST).read_bytes())["manifest"]
             info["model"] = f"{manifest['name']} {manifest['version']}"
-    record = load_record(state_dir / RECORD_FILE)
+    record, _ = load_record(state_dir / RECORD_FILE)
     info["update_state"] = record.state.value
     info["desired_seq"] = record.seq
     info["update_reason"] = record.reason

@@ -9,18 +9,26 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from starlette.middleware.base import RequestResponseEndpoint
 
-from fleet_server.api import artifacts, devices, model_registry, rollouts, system, tokens
+from fleet_server.api import (
+    artifacts,
+    devices,
+    enrollment,
+    model_registry,
+    rollouts,
+    system,
+    tokens,
+)
 from fleet_server.api.docs import mount_docs
 from fleet_server.api.errors import answer_service_errors
 from fleet_server.blobs import BlobStore
 from fleet_server.console import mount_console
 from fleet_server.db import make_engine, make_sessions
+from fleet_server.metrics.server import ServerMetrics
 from fleet_server.migrate import upgrade
 from fleet_server.mqtt.runtime import build_mqtt
 from fleet_server.rollouts.controller import RolloutController
 from fleet_server.rollouts.watch import LiveGates
-from fleet_server.server_metrics import ServerMetrics
-from fleet_server.services.desired import DesiredPublisher, DesiredStates
+from fleet_server.services.desired import DesiredPublisher, DesiredStates, NoPublisher
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings
 from fleet_server.state import FleetState
@@ -37,11 +45,13 @@ def build_state(
     migrate: bool = True,
     broker: BrokerAccess | None = None,
     publisher: DesiredPublisher | None = None,
-    mqtt: bool = True,
+    with_mqtt: bool = True,
 ) -> FleetState:
-    """Everything the server shares, complete. With `mqtt` and settings.mqtt_url, the MQTT
-    side is built (not connected: the lifespan does that) and is the broker and the
-    publisher; tests may pass their own `broker` and `publisher` instead."""
+    """Everything the server shares, complete. With `with_mqtt` and settings.mqtt_url, and
+    no `publisher` given, the MQTT side is built (not connected: the lifespan does that)
+    and is the broker and the publisher. Otherwise `broker` and `publisher` are what the
+    caller passes (a test's), or none: commands that only touch the database pass
+    `with_mqtt=False` and need no broker credentials."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url()
     if migrate:
@@ -51,12 +61,12 @@ def build_state(
     topics = Topics(settings.topic_prefix)
     metrics = ServerMetrics()
     runtime = None
-    if mqtt and publisher is None:
+    if with_mqtt and publisher is None:
         runtime = build_mqtt(settings, sessions, topics, metrics)
     if runtime is not None:
         broker, publisher = runtime.admin, runtime.bridge
     desired = DesiredStates(
-        publisher=publisher or DesiredPublisher(),
+        publisher=publisher or NoPublisher(),
         public_url=settings.resolved_public_url(),
         ttl_s=settings.desired_ttl_days * SECONDS_PER_DAY,
     )
@@ -83,7 +93,7 @@ def create_app(
 ) -> FastAPI:
     """The whole server. With settings.mqtt_url and start_bridge, the lifespan connects the
     MQTT bridge and the broker admin client; tests may pass their own instead."""
-    state = build_state(settings, broker=broker, publisher=publisher, mqtt=start_bridge)
+    state = build_state(settings, broker=broker, publisher=publisher, with_mqtt=start_bridge)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -121,6 +131,7 @@ def create_app(
     )
     app.state.fleet = state
     for router in (
+        enrollment.router,
         devices.router,
         model_registry.router,
         artifacts.router,

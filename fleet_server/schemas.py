@@ -5,10 +5,18 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
+import pydantic.dataclasses
 from pydantic import BaseModel, ConfigDict, Field
+
+from protocol.enrollment import EnrollmentRequest
 
 # Past this a page is empty anyway; unbounded, a huge offset overflows SQLite's integers.
 MAX_OFFSET = 2**31 - 1
+
+
+@pydantic.dataclasses.dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class EnrollBody(EnrollmentRequest):
+    """The wire contract's request as the API takes it: an unknown field is refused."""
 
 
 class DeviceRead(BaseModel):

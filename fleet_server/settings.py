@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from fleet_server.alerts.config import WebhookConfig, unique_labels
+from protocol.mqtt import DEFAULT_PORT
 from protocol.topics import DEFAULT_PREFIX
 
 
@@ -72,6 +73,17 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        # Devices are handed this URL at enrolment and download artifacts from it.
+        parts = urlsplit(value) if value is not None else None
+        if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(
+                f"public_url {value!r} must be an http(s) URL, e.g. https://fleet:8080"
+            )
+        return value
+
     @field_validator("webhooks")
     @classmethod
     def _distinct_webhooks(cls, value: list[WebhookConfig]) -> list[WebhookConfig]:
@@ -97,4 +109,4 @@ class Settings(BaseSettings):
         parts = urlsplit(self.mqtt_url)
         if parts.scheme != "mqtt" or not parts.hostname:
             raise ValueError(f"mqtt url {self.mqtt_url!r} must look like mqtt://HOST:PORT")
-        return parts.hostname, parts.port or 1883
+        return parts.hostname, parts.port or DEFAULT_PORT

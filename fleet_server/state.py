@@ -10,9 +10,9 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from fleet_server.blobs import BlobStore
+from fleet_server.metrics.server import ServerMetrics
 from fleet_server.mqtt.runtime import MqttRuntime
 from fleet_server.rollouts.watch import LiveGates
-from fleet_server.server_metrics import ServerMetrics
 from fleet_server.services.desired import DesiredPublisher, DesiredStates
 from fleet_server.services.devices import BrokerAccess
 from fleet_server.settings import Settings

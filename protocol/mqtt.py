@@ -9,6 +9,8 @@ from __future__ import annotations
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+DEFAULT_PORT = 1883  # a broker URL or an enrolment answer without a port means this one
+
 
 def new_client(
     client_id: str,

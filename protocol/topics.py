@@ -45,7 +45,9 @@ class TopicKind(StrEnum):
 _KINDS = frozenset(k.value for k in TopicKind)
 
 
-class Publisher(StrEnum):
+class Side(StrEnum):
+    """Who publishes on a topic."""
+
     DEVICE = "device"
     SERVER = "server"
 
@@ -54,7 +56,7 @@ class Publisher(StrEnum):
 class TopicSpec:
     """How a topic is used: who publishes, at which QoS, whether the broker retains it."""
 
-    publisher: Publisher
+    publisher: Side
     qos: int
     retained: bool
     payload: type[Payload]
@@ -67,15 +69,15 @@ class TopicSpec:
 SPEC: dict[TopicKind, TopicSpec] = {
     # Retained so that whoever subscribes learns the device's last state at once; the last
     # will is the retained `offline` message, so a device that vanishes is marked offline.
-    TopicKind.AVAILABILITY: TopicSpec(Publisher.DEVICE, qos=1, retained=True, payload=Availability),
+    TopicKind.AVAILABILITY: TopicSpec(Side.DEVICE, qos=1, retained=True, payload=Availability),
     # Retained so that a device that was offline finds its target the moment it subscribes.
-    TopicKind.DESIRED: TopicSpec(Publisher.SERVER, qos=1, retained=True, payload=DesiredState),
-    TopicKind.REPORTS: TopicSpec(Publisher.DEVICE, qos=1, retained=False, payload=UpdateReport),
-    TopicKind.TELEMETRY: TopicSpec(Publisher.DEVICE, qos=1, retained=False, payload=TelemetryBatch),
+    TopicKind.DESIRED: TopicSpec(Side.SERVER, qos=1, retained=True, payload=DesiredState),
+    TopicKind.REPORTS: TopicSpec(Side.DEVICE, qos=1, retained=False, payload=UpdateReport),
+    TopicKind.TELEMETRY: TopicSpec(Side.DEVICE, qos=1, retained=False, payload=TelemetryBatch),
 }
 # What a device may publish, and what it receives: its broker ACLs say exactly this.
-DEVICE_PUBLISHED = tuple(kind for kind, spec in SPEC.items() if spec.publisher is Publisher.DEVICE)
-SERVER_PUBLISHED = tuple(kind for kind, spec in SPEC.items() if spec.publisher is Publisher.SERVER)
+DEVICE_PUBLISHED = tuple(kind for kind, spec in SPEC.items() if spec.publisher is Side.DEVICE)
+SERVER_PUBLISHED = tuple(kind for kind, spec in SPEC.items() if spec.publisher is Side.SERVER)
 
 
 def payload_type(kind: TopicKind) -> type[Payload]:
@@ -202,7 +204,7 @@ __all__ = [
     "SERVER_PUBLISHED",
     "SHARE_GROUP",
     "SPEC",
-    "Publisher",
+    "Side",
     "TopicKind",
     "TopicSpec",
     "Topics",

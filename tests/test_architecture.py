@@ -3,7 +3,7 @@ import-linter's contracts in setup.cfg, checked by `lint-imports` in `make test`
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Set
+from collections.abc import Mapping, Set
 
 import grimp
 import pytest
@@ -30,12 +30,12 @@ def cycles(imports: Mapping[str, Set[str]]) -> list[list[str]]:
     stack: list[str] = []
     found: list[list[str]] = []
 
-    def visit(module: str) -> Iterator[None]:
+    def visit(module: str) -> None:
         index[module] = low[module] = len(index)
         stack.append(module)
         for imported in sorted(imports.get(module, ())):
             if imported not in index:
-                yield from visit(imported)
+                visit(imported)
                 low[module] = min(low[module], low[imported])
             elif imported in stack:
                 low[module] = min(low[module], index[imported])
@@ -44,12 +44,10 @@ def cycles(imports: Mapping[str, Set[str]]) -> list[list[str]]:
             del stack[stack.index(module) :]
             if len(group) > 1 or module in imports.get(module, ()):
                 found.append(sorted(group))
-        yield None
 
     for module in sorted(imports):
         if module not in index:
-            for _ in visit(module):
-                pass
+            visit(module)
     return found
 
 

@@ -80,15 +80,15 @@ class Record:
     reason: str | None = None
 
 
-def load_record(path: Path) -> Record:
+def load_record(path: Path) -> tuple[Record, int]:
+    """The saved record, and the last report number an earlier version kept in it (0 if
+    none): reports are numbered in counters.json now, which must carry on above it."""
     if not path.exists():
-        return Record()
+        return Record(), 0
     data = json.loads(path.read_text(encoding="utf-8"))
     data["state"] = UpdateState(data["state"])
-    # Reports were numbered here before counters.json; that counter starts at the current
-    # time in milliseconds, above any number an earlier version gave.
-    data.pop("msg_id", None)
-    return Record(**data)
+    last_msg_id = int(data.pop("msg_id", 0))
+    return Record(**data), last_msg_id
 
 
 def save_record(path: Path, record: Record) -> None:
@@ -125,7 +125,8 @@ class UpdateMachine:
         self.slots = Slots(state_dir / "models")
         self._downloads = state_dir / "downloads"
         self._record_path = state_dir / RECORD_FILE
-        self.record = load_record(self._record_path)
+        self.record, last_msg_id = load_record(self._record_path)
+        counters.at_least(Counter.REPORT_MSG_ID, last_msg_id)
         self._predictor = predictor
         self._keys = keys
         self._auth = auth

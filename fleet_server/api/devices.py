@@ -1,4 +1,4 @@
-"""Enrolment, the device registry, and pointing one device at a model."""
+"""The device registry, and pointing one device at a model."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from fleet_server.schemas import (
 )
 from fleet_server.services import devices, model_registry
 from fleet_server.tables import Device
-from protocol.enrollment import ENROLL_PATH, EnrollmentAnswer, EnrollmentRequest, MqttAccess
 
 router = APIRouter(prefix="/api/v1", tags=["devices"])
 
@@ -35,36 +34,6 @@ def device_read(device: Device) -> DeviceRead:
         model_name=device.model_name,
         model_version=device.model_version,
         enrolled_at=device.enrolled_at,
-    )
-
-
-@router.post(
-    ENROLL_PATH.removeprefix(router.prefix),
-    status_code=status.HTTP_201_CREATED,
-    response_model=EnrollmentAnswer,
-)
-def enroll(body: EnrollmentRequest, session: SessionDep, state: StateDep) -> EnrollmentAnswer:
-    enrolled = devices.enroll(
-        session, token=body.token, name=body.name, tags=body.tags, hardware=body.hardware
-    )
-    session.flush()
-    if state.broker is not None:
-        try:
-            state.broker.add_device(enrolled.device.id, enrolled.secret, state.topics.prefix)
-        except Exception as exc:
-            # The transaction rolls back: no device exists that the broker does not know.
-            raise Unavailable(f"broker refused the device: {exc}") from None
-    address = state.settings.mqtt_address()
-    return EnrollmentAnswer(
-        device_id=enrolled.device.id,
-        secret=enrolled.secret,
-        mqtt=MqttAccess(
-            host=address[0] if address else None,
-            port=address[1] if address else None,
-            username=enrolled.device.id,
-            topic_prefix=state.topics.prefix,
-        ),
-        api_url=state.settings.resolved_public_url(),
     )
 
 
@@ -122,7 +91,7 @@ def set_desired(
     if (body.name is None) != (body.version is None):
         raise Rejected("give both name and version")
     model = None
-    if body.name is not None and body.version is not None:
+    if body.name and body.version:  # both empty, as both null, say "run no model"
         model = model_registry.get_model(session, body.name, body.version)
     sent = state.desired.assign(
         session, device, model, mode=body.mode, rollback=body.rollback, actor=caller.name

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Query, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import select, text
 
-from fleet_server import fleet_metrics
 from fleet_server.api.deps import Admin, SessionDep, StateDep
+from fleet_server.metrics import fleet as fleet_metrics
 from fleet_server.schemas import MAX_OFFSET, AuditRead, Health
 from fleet_server.tables import AuditEvent
 

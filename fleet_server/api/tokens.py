@@ -3,7 +3,7 @@ where the secret is printed once to whoever holds the data dir)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, Response, status
 
 from fleet_server.api.deps import Admin, SessionDep
 from fleet_server.schemas import ApiTokenRead
@@ -31,8 +31,5 @@ def list_tokens(session: SessionDep, _: Admin) -> list[ApiTokenRead]:
 @router.delete("/tokens/{token_id}", status_code=status.HTTP_204_NO_CONTENT)
 def revoke_token(token_id: int, session: SessionDep, caller: Admin) -> Response:
     """Refused from the next request on, console sessions included."""
-    try:
-        revoke_api_token(session, token_id, caller.name)
-    except LookupError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    revoke_api_token(session, token_id, caller.name)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -14,7 +14,9 @@ import click
 
 from fleet_server.auth import Role
 from fleet_server.cli.rollout import rollout
+from fleet_server.errors import ServiceError
 from fleet_server.settings import Settings
+from protocol.mqtt import DEFAULT_PORT
 
 F = TypeVar("F", bound=Callable[..., Any])
 _DURATION = re.compile(r"^(\d+)([smhd])$")
@@ -46,7 +48,7 @@ def fails_cleanly(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (ValueError, OSError) as exc:
+        except (ServiceError, ValueError, OSError) as exc:
             click.echo(f"fleet-server: error: {exc}", err=True)
             sys.exit(2)
 
@@ -124,7 +126,7 @@ def token_create(role: str, name: str | None, **options: Any) -> None:
     from fleet_server.db import transaction
     from fleet_server.services.tokens import create_api_token
 
-    state = build_state(make_settings(**options), mqtt=False)
+    state = build_state(make_settings(**options), with_mqtt=False)
     with transaction(state.sessions) as session:
         secret = create_api_token(session, Role[role], name or role, actor="cli")
     click.echo(secret)
@@ -138,7 +140,7 @@ def token_list(**options: Any) -> None:
     from fleet_server.app import build_state
     from fleet_server.services.tokens import list_api_tokens
 
-    state = build_state(make_settings(**options), mqtt=False)
+    state = build_state(make_settings(**options), with_mqtt=False)
     with state.sessions() as session:
         for row in list_api_tokens(session):
             revoked = f"revoked {row.revoked_at:%Y-%m-%d %H:%M}" if row.revoked_at else "active"
@@ -159,13 +161,10 @@ def token_revoke(token_id: int, **options: Any) -> None:
     from fleet_server.db import transaction
     from fleet_server.services.tokens import revoke_api_token
 
-    state = build_state(make_settings(**options), mqtt=False)
-    try:
-        with transaction(state.sessions) as session:
-            row = revoke_api_token(session, token_id, actor="cli")
-            name, role = row.name, row.role
-    except LookupError as exc:
-        raise ValueError(str(exc)) from None
+    state = build_state(make_settings(**options), with_mqtt=False)
+    with transaction(state.sessions) as session:
+        row = revoke_api_token(session, token_id, actor="cli")
+        name, role = row.name, row.role
     click.echo(f"revoked token {token_id} ({role} {name})")
 
 
@@ -189,7 +188,7 @@ def enrollment_create(tags: str, uses: int, expires: str | None, **options: Any)
 
     tag_list = check_tags([t.strip() for t in tags.split(",") if t.strip()])
     lifetime = parse_duration(expires) if expires else None
-    state = build_state(make_settings(**options), mqtt=False)
+    state = build_state(make_settings(**options), with_mqtt=False)
     with transaction(state.sessions) as session:
         secret = create_enrollment_token(
             session, tags=tag_list, uses=uses, expires_in=lifetime, actor="cli"
@@ -205,7 +204,7 @@ def enrollment_create(tags: str, uses: int, expires: str | None, **options: Any)
     default=None,
     help="Folder for mosquitto.conf and its files (default DATA_DIR/broker).",
 )
-@click.option("--port", type=click.IntRange(1, 65535), default=1883, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listener address.")
 @click.option("--force", is_flag=True, help="Replace an existing configuration.")
 @fails_cleanly

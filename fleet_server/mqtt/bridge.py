@@ -23,6 +23,7 @@ from paho.mqtt.properties import Properties
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from fleet_server.metrics.server import ServerMetrics
 from fleet_server.mqtt.broker_config import BrokerCredentials
 from fleet_server.mqtt.ingest import prune
 from fleet_server.mqtt.ingest_process import (
@@ -31,8 +32,6 @@ from fleet_server.mqtt.ingest_process import (
     Outcome,
     RawMessage,
 )
-from fleet_server.server_metrics import ServerMetrics
-from fleet_server.services.desired import DesiredPublisher
 from fleet_server.settings import Settings
 from fleet_server.tables import DesiredState, utcnow
 from protocol.messages import MAX_PAYLOAD_BYTES
@@ -61,7 +60,9 @@ def _session_properties() -> Properties:
     return properties
 
 
-class MqttBridge(DesiredPublisher):
+class MqttBridge:
+    """The server's MQTT client; it is the `DesiredPublisher` of a server with a broker."""
+
     def __init__(
         self,
         settings: Settings,
@@ -102,6 +103,8 @@ class MqttBridge(DesiredPublisher):
     # -- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        if self._writer is not None and self._writer.is_alive():
+            raise RuntimeError("the MQTT bridge is still running (or still stopping)")
         self._stop.clear()
         self._ingest.start()
         self._writer = threading.Thread(target=self._write_loop, name="mqtt-writer", daemon=True)

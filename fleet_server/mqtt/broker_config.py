@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.files import write_atomic
+from protocol.mqtt import DEFAULT_PORT
 from protocol.topics import (
     DEFAULT_PREFIX,
     DEVICE_PUBLISHED,
@@ -101,7 +102,7 @@ def _default_plugin_dirs() -> list[str]:
 def write_broker_config(
     out: Path,
     *,
-    port: int = 1883,
+    port: int = DEFAULT_PORT,
     host: str = "127.0.0.1",
     server_username: str = "fleet-server",
     prefix: str = DEFAULT_PREFIX,

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from fleet_server.metrics.server import ServerMetrics
 from fleet_server.mqtt.bridge import MqttBridge
 from fleet_server.mqtt.broker_admin import BrokerAdmin
 from fleet_server.mqtt.broker_config import CREDENTIALS_FILE, load_server_credentials
-from fleet_server.server_metrics import ServerMetrics
 from fleet_server.settings import Settings
 from protocol.topics import Topics
 

@@ -23,7 +23,6 @@ import datetime as dt
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,6 +38,7 @@ from fleet_server.rollouts.states import (
     Action,
     EventKind,
     MemberState,
+    OnFailure,
     Phase,
     RolloutState,
 )
@@ -290,14 +290,14 @@ def _fail(
     session: Session,
     desired: DesiredStates,
     rollout: Rollout,
-    action: Literal["pause", "rollback"],
+    action: OnFailure,
     failed: Sequence[GateResult],
     results: Sequence[GateResult],
     now: dt.datetime,
 ) -> None:
     reason = f"wave {rollout.wave + 1}: " + "; ".join(r.describe() for r in failed)
     record(session, rollout, EventKind.GATES_FAILED, reason, gates=_gates(results))
-    if action == "rollback":
+    if action == OnFailure.ROLLBACK:
         roll_back(session, desired, rollout, reason, now)
     else:
         rollout.state = RolloutState.PAUSED

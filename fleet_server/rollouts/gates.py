@@ -18,7 +18,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar
+from typing import Annotated
 
 from annotated_types import Ge, Gt, Le
 
@@ -43,10 +43,8 @@ Minimum = Annotated[int, Ge(1)]
 @dataclass(frozen=True)
 class Gates:
     """Every threshold is optional; a gate left None is not judged. The one definition of
-    the gates, their bounds and their defaults: the API takes it as it is."""
-
-    # Read by pydantic when a request is validated: an unknown gate is refused.
-    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid"}
+    the gates, their bounds and their defaults (`spec.GateThresholds` takes them from a
+    request as they are)."""
 
     max_install_failure_ratio: Share | None = None
     max_error_rate: Share | None = None

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
+import pydantic.dataclasses
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fleet_server.rollouts.gates import Gates
+from fleet_server.rollouts.states import OnFailure
 
 MAX_WAVES = 20
 
@@ -49,13 +49,19 @@ class WaveSpec(_Strict):
         return self
 
 
+@pydantic.dataclasses.dataclass(config=ConfigDict(extra="forbid"), frozen=True)
+class GateThresholds(Gates):
+    """The gates, their bounds and defaults as `Gates` defines them, taken from a request:
+    an unknown gate is refused."""
+
+
 class RolloutCreate(_Strict):
     model: str = Field(min_length=1, max_length=128)
     version: str = Field(min_length=1, max_length=64)
     target: RolloutTarget
     waves: list[WaveSpec] = Field(min_length=1, max_length=MAX_WAVES)
-    gates: Gates = Field(default_factory=Gates)
-    on_failure: Literal["pause", "rollback"] = "rollback"
+    gates: GateThresholds = Field(default_factory=GateThresholds)
+    on_failure: OnFailure = OnFailure.ROLLBACK
     # A device with no terminal report this long after it was assigned counts as failed.
     device_timeout_s: float = Field(default=900.0, gt=0, le=7 * 86400)
     # A wave still short of evidence this long after its bake time ends pauses the rollout.

@@ -101,6 +101,13 @@ class EventKind(StrEnum):
     ABORTED = "aborted"
 
 
+class OnFailure(StrEnum):
+    """What a failed gate does to a rollout."""
+
+    PAUSE = "pause"  # wait for a person
+    ROLLBACK = "rollback"  # every device it touched gets its previous model back
+
+
 class Action(StrEnum):
     """What an operator may do to a rollout."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -17,8 +17,19 @@ from fleet_server.tables import Device, ModelVersion, utcnow
 from protocol.messages import MESSAGE_SCHEMA_VERSION, DesiredState, ModelTarget, encode_payload
 
 
-class DesiredPublisher:
-    """Where desired states go once stored: the MQTT bridge, or nowhere without a broker."""
+class DesiredPublisher(Protocol):
+    """Where desired states go once stored: the MQTT bridge (`mqtt.bridge.MqttBridge`)."""
+
+    def publish_desired(self, device_id: str, payload: bytes) -> None: ...
+
+    def forget_device(self, device_id: str) -> None: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+class NoPublisher:
+    """A server without a broker: desired states are stored and go nowhere."""
 
     def publish_desired(self, device_id: str, payload: bytes) -> None:
         return None

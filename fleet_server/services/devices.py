@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -14,8 +13,7 @@ from fleet_server.errors import NotFound, Rejected
 from fleet_server.services import audit
 from fleet_server.services.tokens import consume_enrollment_token
 from fleet_server.tables import Device, DeviceTag, utcnow
-
-_TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+from protocol.enrollment import check_tags as protocol_check_tags
 
 
 class BrokerAccess(Protocol):
@@ -27,10 +25,11 @@ class BrokerAccess(Protocol):
 
 
 def check_tags(tags: list[str]) -> list[str]:
-    bad = [t for t in tags if not _TAG.match(t)]
-    if bad:
-        raise Rejected(f"invalid tag(s) {bad}: use 1-64 letters, digits, '_', '.', ':' or '-'")
-    return sorted(set(tags))
+    """The wire contract's tag rule; Rejected naming the bad tags."""
+    try:
+        return protocol_check_tags(tags)
+    except ValueError as exc:
+        raise Rejected(str(exc)) from None
 
 
 @dataclass(frozen=True)

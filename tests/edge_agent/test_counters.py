@@ -53,4 +53,14 @@ def test_threads_never_get_the_same_number(tmp_path: Path) -> None:
 def test_an_update_record_that_numbered_reports_itself_still_loads(tmp_path: Path) -> None:
     path = tmp_path / "update.json"
     path.write_text(json.dumps({"state": "active", "seq": 4, "msg_id": 1234}))
-    assert load_record(path) == Record(state=UpdateState.ACTIVE, seq=4)
+    assert load_record(path) == (Record(state=UpdateState.ACTIVE, seq=4), 1234)
+
+
+def test_numbers_carry_on_above_what_an_earlier_version_gave(tmp_path: Path) -> None:
+    # A device upgraded while its clock is behind (a Raspberry Pi has no clock of its own
+    # before NTP answers) must not number its next report below the last one.
+    counters = Counters(tmp_path / "c.json", clock=lambda: 1.0)
+    counters.at_least(Counter.REPORT_MSG_ID, 1_700_000_000_000)
+    assert counters.next(Counter.REPORT_MSG_ID) == 1_700_000_000_001
+    counters.at_least(Counter.REPORT_MSG_ID, 5)  # never lowers it
+    assert counters.next(Counter.REPORT_MSG_ID) == 1_700_000_000_002

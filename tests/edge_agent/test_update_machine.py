@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import socket
 import threading
 import time
@@ -200,7 +201,7 @@ def test_an_update_downloads_verifies_self_tests_and_switches(
     # The record is on disk: a restarted agent serves what `current` points at.
     again = _device(device.state_dir, load_public_key(digits.v1.public_key))
     assert again.serving() == "2.0.0"
-    assert load_record(device.state_dir / "update.json").state is S.ACTIVE
+    assert load_record(device.state_dir / "update.json")[0].state is S.ACTIVE
 
 
 def test_a_dropped_download_resumes_with_a_range_request(
@@ -281,7 +282,7 @@ def test_stopping_during_a_retried_download_leaves_it_to_resume(
     assert time.monotonic() - started < 10  # the wait between tries was cut short
     # Not failed: the record says downloading, and the next start takes it up again.
     assert device.states(stuck.seq)[-1] is S.DOWNLOADING
-    assert load_record(state_dir / "update.json").state is S.DOWNLOADING
+    assert load_record(state_dir / "update.json")[0].state is S.DOWNLOADING
     again = _device(state_dir, load_public_key(digits.v1.public_key))
     assert again.machine.interrupted
 
@@ -408,6 +409,20 @@ def test_an_expired_desired_state_is_rejected(
     assert device.machine.apply(update) is S.REJECTED
     assert "expired" in device.reason(update.seq)
     assert device.serving() is None
+
+
+def test_an_upgraded_agent_numbers_its_reports_above_the_ones_its_record_kept(
+    tmp_path: Path, digits: DigitsBundles, artifacts: ArtifactServer
+) -> None:
+    state_dir = tmp_path / "agent"
+    state_dir.mkdir()
+    last = 10**15  # later than now in milliseconds: the device's clock is behind
+    (state_dir / "update.json").write_text(json.dumps({"state": "idle", "msg_id": last}))
+    device = _device(state_dir, load_public_key(digits.v1.public_key))
+    device.machine.apply(desired(digits.v1, artifacts))
+    assert [r.msg_id for r in device.reports] == list(
+        range(last + 1, last + 1 + len(device.reports))
+    )
 
 
 def test_a_desired_state_seen_again_is_not_applied_twice(

@@ -8,7 +8,7 @@ from protocol.topics import (
     DEVICE_PUBLISHED,
     SERVER_PUBLISHED,
     SPEC,
-    Publisher,
+    Side,
     TopicKind,
     Topics,
     TopicSpec,
@@ -161,14 +161,14 @@ def test_parse_errors_quote_the_topic() -> None:
 @pytest.mark.parametrize(
     ("kind", "publisher", "retained", "payload"),
     [
-        (TopicKind.AVAILABILITY, Publisher.DEVICE, True, Availability),
-        (TopicKind.DESIRED, Publisher.SERVER, True, DesiredState),
-        (TopicKind.REPORTS, Publisher.DEVICE, False, UpdateReport),
-        (TopicKind.TELEMETRY, Publisher.DEVICE, False, TelemetryBatch),
+        (TopicKind.AVAILABILITY, Side.DEVICE, True, Availability),
+        (TopicKind.DESIRED, Side.SERVER, True, DesiredState),
+        (TopicKind.REPORTS, Side.DEVICE, False, UpdateReport),
+        (TopicKind.TELEMETRY, Side.DEVICE, False, TelemetryBatch),
     ],
 )
 def test_spec_table(
-    kind: TopicKind, publisher: Publisher, retained: bool, payload: type[Payload]
+    kind: TopicKind, publisher: Side, retained: bool, payload: type[Payload]
 ) -> None:
     assert SPEC[kind] == TopicSpec(publisher, 1, retained, payload)
 
@@ -179,7 +179,7 @@ def test_spec_covers_every_kind() -> None:
 
 def test_topic_spec_qos_must_be_an_mqtt_qos() -> None:
     with pytest.raises(ValueError, match="qos must be 0, 1 or 2"):
-        TopicSpec(Publisher.DEVICE, 3, False, Availability)
+        TopicSpec(Side.DEVICE, 3, False, Availability)
 
 
 def test_devices_publish_what_their_acls_allow_and_receive_the_rest() -> None:

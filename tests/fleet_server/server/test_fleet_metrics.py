@@ -21,9 +21,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
 from devfleet.in_process import connected_server
-from fleet_server import fleet_metrics
 from fleet_server.auth import Role
 from fleet_server.db import transaction
+from fleet_server.metrics import fleet as fleet_metrics
 from fleet_server.mqtt.ingest import Received, write_batch
 from fleet_server.rollouts import controller
 from fleet_server.services.field import field_performance

@@ -1,9 +1,7 @@
 """The server process's own Prometheus counters (HTTP, MQTT, ingest), in a registry per
-app so that several apps can live in one process.
-
-The fleet's state
-(devices, rollouts, gates, field performance) is read from the database when `/metrics`
-is scraped: see `fleet_server.fleet_metrics`.
+app so that several apps can live in one process. The fleet's state (devices, rollouts,
+gates, field performance) is read from the database when `/metrics` is scraped: see
+`fleet_server.metrics.fleet`.
 """
 
 from __future__ import annotations

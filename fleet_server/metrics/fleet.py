@@ -2,9 +2,9 @@
 
 Devices, rollouts, gates and per-version field performance are built afresh on every
 scrape, as gauge families of a registry made for that scrape, next to the process's own
-counters (`fleet_server.server_metrics`). A label set that no longer exists (a version no device
-runs any more, a rollout that finished) is simply not built, so it drops out of the
-exposition, and Prometheus marks the series stale. Setting long-lived labelled Gauges
+counters (`fleet_server.metrics.server`). A label set that no longer exists (a version no
+device runs any more, a rollout that finished) is simply not built, so it drops out of
+the exposition, and Prometheus marks the series stale. Setting long-lived labelled Gauges
 instead would need a clear() before every refill, and two scrapes served by concurrent
 threads could then expose a half-filled gauge.
 
