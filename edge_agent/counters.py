@@ -39,7 +39,7 @@ class Counters:
             values = self._read()
             value = values.get(counter, int(self._clock() * 1000)) + 1
             values[counter] = value
-            write_atomic(self.path, json.dumps(values, sort_keys=True).encode("utf-8"))
+            self._write(values)
             return value
 
     def at_least(self, counter: Counter, value: int) -> None:
@@ -49,10 +49,13 @@ class Counters:
             values = self._read()
             if values.get(counter, 0) < value:
                 values[counter] = value
-                write_atomic(self.path, json.dumps(values, sort_keys=True).encode("utf-8"))
+                self._write(values)
 
     def _read(self) -> dict[str, int]:
         if not self.path.exists():
             return {}
         values: dict[str, int] = json.loads(self.path.read_text(encoding="utf-8"))
         return values
+
+    def _write(self, values: dict[str, int]) -> None:
+        write_atomic(self.path, json.dumps(values, sort_keys=True).encode("utf-8"))

@@ -116,7 +116,7 @@ def write_broker_config(
     `force=True` replaces an existing configuration, forgetting every provisioned device.
     """
     _check_listener(host, port)
-    check_username(server_username)
+    _check_username(server_username)
     Topics(prefix)  # the wire contract's rule for prefixes, so every prefix here has topics
     out = out.resolve()
     _check_config_path(out)
@@ -164,7 +164,7 @@ def _check_config_path(out: Path) -> None:
         raise ValueError(f"config folder path must not contain line breaks: {out!r}")
 
 
-def check_username(name: str) -> None:
+def _check_username(name: str) -> None:
     """The server's login obeys the device-id rule: it shares the namespace of logins."""
     try:
         check_device_id(name)

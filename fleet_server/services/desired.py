@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -68,25 +68,19 @@ class DesiredStates:
         so the database is never behind what devices were told."""
         row = session.get(DesiredRow, device.id, with_for_update=True)
         now = time.time()
-        desired = _desired_state(
-            schema_version=MESSAGE_SCHEMA_VERSION,
-            seq=(row.seq if row else 0) + 1,
-            issued_at=now,
-            expires_at=now + self.ttl_s,
-            deployment_id=deployment_id,
-            mode=mode,
-            rollback=rollback,
-            model=None
-            if model is None
-            else ModelTarget(
-                name=model.name,
-                version=model.version,
-                sha256=model.sha256,
-                size=model.size,
-                artifact_url=self.artifact_url(model.sha256),
-                manifest=json.loads(model.manifest_json),
-            ),
-        )
+        try:
+            desired = DesiredState(
+                schema_version=MESSAGE_SCHEMA_VERSION,
+                seq=(row.seq if row else 0) + 1,
+                issued_at=now,
+                expires_at=now + self.ttl_s,
+                deployment_id=deployment_id,
+                mode=mode,
+                rollback=rollback,
+                model=None if model is None else self._target(model),
+            )
+        except ValueError as exc:  # the wire contract refuses it: a rollback to nothing, say
+            raise Rejected(str(exc)) from None
         payload = encode_payload(desired)
         if row is None:
             row = DesiredRow(device_id=device.id, seq=desired.seq, payload_json="")
@@ -106,11 +100,12 @@ class DesiredStates:
         event.listen(session, "after_commit", publish, once=True)
         return desired
 
-
-def _desired_state(**fields: Any) -> DesiredState:
-    """The message, or Rejected saying why the wire contract refuses it (a shadow with no
-    model, a rollback to nothing)."""
-    try:
-        return DesiredState(**fields)
-    except ValueError as exc:
-        raise Rejected(str(exc)) from None
+    def _target(self, model: ModelVersion) -> ModelTarget:
+        return ModelTarget(
+            name=model.name,
+            version=model.version,
+            sha256=model.sha256,
+            size=model.size,
+            artifact_url=self.artifact_url(model.sha256),
+            manifest=json.loads(model.manifest_json),
+        )

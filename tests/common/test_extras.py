@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from common.extras import missing_for
+from tests.venvs import CLEAN_ENV, install_fresh
 
 REPO = Path(__file__).resolve().parents[2]
 # What setup.cfg packages.
@@ -47,7 +47,6 @@ def test_missing_names_what_the_extra_adds_and_is_absent(
 def test_programs_installed_without_their_extra_say_which_to_install(tmp_path: Path) -> None:
     """`pip install edgefleet` (no extra) in a fresh venv: each program says in one line
     what to install, and exits 2."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     source = tmp_path / "source"  # a copy: setuptools builds in the tree it is given
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         (source / name).parent.mkdir(parents=True, exist_ok=True)
@@ -63,34 +62,18 @@ def test_programs_installed_without_their_extra_say_which_to_install(tmp_path: P
             *("--no-build-isolation", "-w", built, source),
         ],
         check=True,
-        env=env,
+        env=CLEAN_ENV,
         capture_output=True,
     )
     (wheel,) = built.glob("edgefleet-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pins = tmp_path / "constraints.txt"
-    pins.write_text(
-        subprocess.run(
-            [sys.executable, "-m", "pip", "list", "--format=freeze", "--exclude", "edgefleet"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    subprocess.run(
-        [venv / "bin" / "pip", "install", "--quiet", "--constraint", pins, wheel],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    bin_dir = install_fresh(tmp_path, wheel)
     for program, extra in (("edge-convert", "convert"), ("fleet-server", "server")):
         result = subprocess.run(
-            [venv / "bin" / program, "--help"],
+            [bin_dir / program, "--help"],
             capture_output=True,
             text=True,
             cwd=tmp_path,
-            env=env,
+            env=CLEAN_ENV,
             check=False,
         )
         assert result.returncode == 2, result.stderr

@@ -5,7 +5,6 @@ applied a signed update (the signature is checked in a child process)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from tests.bundles import Bundle, DigitsBundles
+from tests.venvs import CLEAN_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,10 +80,13 @@ def heavy(report: dict[str, Any]) -> list[str]:
 
 
 def _run_script(python: str, script: str, args: list[str], cwd: Path) -> dict[str, Any]:
-    # No PYTHONPATH: the interpreter finds the agent where it was installed.
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [python, "-c", script, *args], capture_output=True, text=True, cwd=cwd, env=env, check=False
+        [python, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=CLEAN_ENV,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     report: dict[str, Any] = json.loads(result.stdout.splitlines()[-1])

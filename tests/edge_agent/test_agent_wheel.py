@@ -4,10 +4,7 @@ source tree does, and brings no tool that cannot work on a device."""
 
 from __future__ import annotations
 
-import importlib.metadata
-import os
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +13,7 @@ import pytest
 
 from tests.bundles import DigitsBundles
 from tests.edge_agent.test_agent_light import REPO, heavy, real_run, signed_update
+from tests.venvs import install_fresh
 
 pytestmark = pytest.mark.slow
 
@@ -40,29 +38,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def device_python(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv (no system site-packages) with the wheel installed from PyPI's
-    dependencies, pinned to this environment's versions so that pip's cache serves them."""
-    root = tmp_path_factory.mktemp("device")
-    venv = root / "venv"
-    subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-    pins = root / "constraints.txt"
-    pins.write_text(
-        "".join(
-            f"{d.metadata['Name']}=={d.version}\n"
-            for d in importlib.metadata.distributions()
-            if d.metadata["Name"] and d.metadata["Name"].lower() != "edgefleet"
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    install = subprocess.run(
-        [venv / "bin" / "pip", "install", "--quiet", "--constraint", pins, wheel],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
-    )
-    assert install.returncode == 0, install.stderr
-    return venv / "bin" / "python"
+    """The wheel in a fresh venv, with only its own dependencies."""
+    return install_fresh(tmp_path_factory.mktemp("device"), wheel) / "python"
 
 
 def test_the_wheel_holds_the_wire_contract_and_the_agent_only(wheel: Path) -> None:

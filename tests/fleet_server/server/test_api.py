@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from fleet_server.auth import Role, secret_hash
 from fleet_server.db import transaction
-from fleet_server.tables import AuditEvent, EnrollmentToken, ModelVersion
+from fleet_server.tables import AuditEvent, DesiredState, EnrollmentToken, ModelVersion
 from protocol.manifest import parse_manifest
 from tests.bundles import Bundle
 from tests.fleet_server.server.conftest import Server
@@ -279,6 +279,29 @@ def _deployed(server: Server, bundle: Bundle) -> tuple[dict[str, str], bytes]:
     assert response.status_code == 200, response.text
     assert response.json()["seq"] == 1
     return device, (bundle.folder / "model.tflite").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "detail"),
+    [
+        ({"rollback": True}, 422, "rollback needs a model to roll back to"),
+        ({"mode": "shadow"}, 422, "mode 'shadow' needs a model to run as the candidate"),
+        ({"name": "tabular"}, 422, "give both name and version"),
+        ({"name": "tabular", "version": "9.9.9"}, 404, "no model tabular 9.9.9"),
+    ],
+)
+def test_a_desired_state_that_cannot_be_sent_is_refused_and_nothing_stored(
+    server: Server, body: dict[str, object], status: int, detail: str
+) -> None:
+    operator = server.token(Role.operator)
+    device = server.enroll()
+    url = f"/api/v1/devices/{device['device_id']}/desired"
+    response = server.client.put(url, json=body, headers=operator)
+    assert (response.status_code, response.json()["detail"]) == (status, detail)
+    with server.state.sessions() as session:
+        assert session.get(DesiredState, device["device_id"]) is None
+    unknown = server.client.put("/api/v1/devices/dev-nope/desired", json={}, headers=operator)
+    assert (unknown.status_code, unknown.json()["detail"]) == (404, "no device 'dev-nope'")
 
 
 def _artifact_url(bundle: Bundle) -> str:
